@@ -20,6 +20,9 @@ interpreted the way container runtimes do, safely:
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import lzma
 import os
 import stat
 import tarfile
@@ -81,16 +84,71 @@ class _Peek:
         return self._raw.read(n)
 
 
-def open_layer_stream(raw: BinaryIO) -> tuple[BinaryIO, str]:
-    """Wrap a layer stream in the right decompressor; returns (tar stream, tarfile mode)."""
-    head = raw.read(4)
+class _ZstdReader:
+    """Decompresses concatenated zstd frames; a frame cut short raises instead of ending quietly.
+
+    (``zstandard``'s ``stream_reader`` returns a short stream for truncated input.)
+    """
+
+    def __init__(self, raw: _Peek) -> None:
+        self._raw = raw
+        self._dctx = zstandard.ZstdDecompressor()
+        self._obj = self._dctx.decompressobj()
+        self._started = False
+        self._buf = b""
+
+    def read(self, n: int = -1) -> bytes:
+        want = n if n >= 0 else 1 << 62
+        while len(self._buf) < want:
+            data = self._raw.read(1 << 16)
+            if not data:
+                if self._started and not self._obj.eof:
+                    raise SourceError("zstd stream truncated")
+                break
+            while data:
+                if self._obj.eof:
+                    self._obj = self._dctx.decompressobj()
+                self._started = True
+                self._buf += self._obj.decompress(data)
+                data = self._obj.unused_data if self._obj.eof else b""
+        out, self._buf = self._buf[:want], self._buf[want:]
+        return out
+
+
+class _Counting:
+    """Counts the bytes of the uncompressed tar stream, to detect a missing end-of-archive."""
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw
+        self.count = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data: bytes = self._raw.read(n)
+        self.count += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+def open_layer_stream(raw: BinaryIO) -> Any:
+    """Wrap a layer stream in the right decompressor, sniffed from its first bytes.
+
+    Every decompressor used here fails loudly on a truncated stream (gzip, bz2 and xz raise
+    ``EOFError``; zstd is handled by ``_ZstdReader``), and gzip checks its CRC at the end.
+    """
+    head = raw.read(6)
     peek = _Peek(raw, head)
-    if head == _ZSTD_MAGIC:
-        reader = zstandard.ZstdDecompressor().stream_reader(
-            peek, read_across_frames=True  # type: ignore[arg-type]
-        )
-        return reader, "r|"
-    return peek, "r|*"  # type: ignore[return-value]  # tarfile sniffs gzip/bz2/xz itself
+    if head[:4] == _ZSTD_MAGIC:
+        return _ZstdReader(peek)
+    if head[:2] == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=peek, mode="rb")  # type: ignore[arg-type]
+    if head[:3] == b"BZh":
+        return bz2.BZ2File(peek)  # type: ignore[arg-type]
+    if head == b"\xfd7zXZ\x00":
+        return lzma.LZMAFile(peek)  # type: ignore[arg-type]
+    return peek
 
 
 class TarLayers:
@@ -149,18 +207,27 @@ class TarLayers:
         """Apply one layer. ``label`` names it in errors."""
         self.layer += 1
         try:
-            stream, mode = open_layer_stream(raw)
-            with tarfile.open(fileobj=stream, mode=mode,  # type: ignore[call-overload]
+            stream = _Counting(open_layer_stream(raw))
+            with tarfile.open(fileobj=stream, mode="r|",  # type: ignore[call-overload]
                               encoding="utf-8", errors="surrogateescape") as tar:
                 for member in tar:
                     self._apply_member(tar, member, label)
                     if on_member is not None:
                         on_member(member)
-        except NydusfsError:
+                end_of_members = tar.offset
+            # Drain the rest: makes the decompressor check its trailer (CRC, frame end).
+            stream.drain()
+        except NydusfsError as exc:
+            if isinstance(exc, SourceError) and not str(exc).startswith(label):
+                raise SourceError(f"{label}: {exc}") from exc
             raise
         except (tarfile.TarError, EOFError, OSError, zlib.error, zstandard.ZstdError,
-                ValueError) as exc:
+                lzma.LZMAError, ValueError) as exc:
             raise SourceError(f"{label}: unreadable tar layer: {exc}") from exc
+        # tarfile ends quietly when the data stops at a header; a real archive always ends
+        # with zero blocks, so their absence means the layer was cut short.
+        if stream.count < end_of_members + tarfile.BLOCKSIZE:
+            raise SourceError(f"{label}: truncated tar layer (no end-of-archive marker)")
 
     def _apply_member(self, tar: tarfile.TarFile, m: tarfile.TarInfo, label: str) -> None:
         raw_name = _b(m.name)
@@ -230,7 +297,9 @@ class TarLayers:
     def _set_attrs(self, node: Node, m: tarfile.TarInfo, what: str) -> None:
         if not (0 <= m.uid <= 0xFFFFFFFF and 0 <= m.gid <= 0xFFFFFFFF):
             raise SourceError(f"{what}: uid/gid out of range")
-        node.mode = stat.S_IFMT(node.mode) | (m.mode & 0o7777)
+        # Symlink permissions are meaningless on Linux and always read back as 0777.
+        perms = 0o777 if stat.S_ISLNK(node.mode) else m.mode & 0o7777
+        node.mode = stat.S_IFMT(node.mode) | perms
         node.uid, node.gid = m.uid, m.gid
         node.mtime_ns = _mtime_ns(m)
         node.xattrs = _pax_xattrs(m.pax_headers)
