@@ -143,9 +143,9 @@ def open_layer_stream(raw: BinaryIO) -> Any:
     if head[:4] == _ZSTD_MAGIC:
         return _ZstdReader(peek)
     if head[:2] == b"\x1f\x8b":
-        return gzip.GzipFile(fileobj=peek, mode="rb")  # type: ignore[arg-type]
+        return gzip.GzipFile(fileobj=peek, mode="rb")  # type: ignore[call-overload]
     if head[:3] == b"BZh":
-        return bz2.BZ2File(peek)  # type: ignore[arg-type]
+        return bz2.BZ2File(peek)  # type: ignore[call-overload]
     if head == b"\xfd7zXZ\x00":
         return lzma.LZMAFile(peek)  # type: ignore[arg-type]
     return peek
