@@ -17,6 +17,7 @@ and are removed on failure, so an interrupted build leaves no half-written image
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -168,12 +169,15 @@ def build(sources: Sequence[str], out: Path, options: BuildOptions) -> BuildResu
         raise BuildError("--zstd-level must be 1..22")
     level = options.zstd_level if options.compression == "zstd" else None
 
+    chunk_dict = Bootstrap.open(options.chunk_dict) if options.chunk_dict else None
     blob_dir = out / "blobs"
+    created = [d for d in (out, blob_dir) if not d.exists()]
     try:
         blob_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
+        if chunk_dict is not None:
+            chunk_dict.close()
         raise BuildError(f"{out}: cannot create output directory: {exc.strerror}") from exc
-    chunk_dict = Bootstrap.open(options.chunk_dict) if options.chunk_dict else None
     warnings: list[str] = []
     spool = Spool(out / f".spool-{os.getpid()}", chunk_dict)
     tmp_boot = out / f".bootstrap-{os.getpid()}.tmp"
@@ -216,6 +220,9 @@ def build(sources: Sequence[str], out: Path, options: BuildOptions) -> BuildResu
             p.unlink(missing_ok=True)
         for p in blob_dir.glob(".blob-*.tmp"):
             p.unlink(missing_ok=True)
+        for d in reversed(created):  # leave OUT as we found it
+            with contextlib.suppress(OSError):
+                d.rmdir()
         raise
     finally:
         if pipeline is not None:
