@@ -188,6 +188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NydusfsError as exc:
         print(f"nydusfs: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # disk full, permissions on OUT, ...: still one clear line
+        print(f"nydusfs: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("nydusfs: interrupted", file=sys.stderr)
         return 130
