@@ -96,13 +96,18 @@ def read_prefetch_file(path: Path) -> list[bytes]:
 class _Progress:
     """A byte counter on stderr when it is a terminal (tqdm); silent otherwise."""
 
-    def __init__(self, enabled: bool, total: int | None, desc: str) -> None:
+    def __init__(self, enabled: bool, desc: str) -> None:
         self._bar: Any = None
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True,
-                             unit_divisor=1024, leave=False, file=sys.stderr)
+            self._bar = tqdm(desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+                             leave=False, file=sys.stderr)
+
+    def set_total(self, total: int) -> None:
+        if self._bar is not None:
+            self._bar.total = total
+            self._bar.refresh()
 
     def update(self, n: int) -> None:
         if self._bar is not None:
@@ -184,8 +189,8 @@ def build(sources: Sequence[str], out: Path, options: BuildOptions) -> BuildResu
     pipeline: ChunkPipeline | None = None
     progress: _Progress | None = None
     try:
-        kind, source_total = _classify(sources)
-        progress = _Progress(options.progress, source_total, "build")
+        kind = _classify(sources)
+        progress = _Progress(options.progress, "build")
         pipeline = ChunkPipeline(spool, chunker, level, options.workers, progress.update)
         if kind == "dir":
             root = scan_directory(sources[0])
@@ -195,6 +200,7 @@ def build(sources: Sequence[str], out: Path, options: BuildOptions) -> BuildResu
         order = layout_order(root, first)
         if kind == "dir":
             src_root = os.fsencode(os.path.abspath(sources[0]))
+            progress.set_total(sum(n.size for n in order))
             for node in order:
                 _chunk_file(pipeline, src_root, node)
         pipeline.flush()
@@ -262,20 +268,20 @@ def build(sources: Sequence[str], out: Path, options: BuildOptions) -> BuildResu
     )
 
 
-def _classify(sources: Sequence[str]) -> tuple[str, int | None]:
-    """'dir', 'tar' or 'oci', and the total input bytes for the progress bar."""
+def _classify(sources: Sequence[str]) -> str:
+    """'dir', 'tar' or 'oci'."""
     if any(parse_oci_ref(s) for s in sources):
         if len(sources) != 1:
             raise BuildError("an oci: source must be the only source")
-        return "oci", None
+        return "oci"
     for s in sources:
         if not os.path.exists(s):
             raise SourceError(f"{s}: no such file or directory")
     if len(sources) == 1 and os.path.isdir(sources[0]):
-        return "dir", None
+        return "dir"
     if any(os.path.isdir(s) for s in sources):
         raise BuildError("a directory source must be the only source")
-    return "tar", sum(os.path.getsize(s) for s in sources)
+    return "tar"
 
 
 def _apply_layers(
