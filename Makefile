@@ -1,0 +1,96 @@
+# dfnydus developer entry points. On a fresh Debian 12 machine, as root:
+#
+#   make demo    install what is needed, then build, inspect and check a sample image
+#   make test    install what is needed, then ruff, mypy --strict and pytest
+#
+# `setup` is idempotent and fast when nothing changed: apt runs only for missing packages, and
+# the virtualenv is (re)installed only when it is missing, broken, or older than pyproject.toml.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.dfnydus-installed
+# System packages: FUSE (runtime + headers, pyfuse3 is built from source), a compiler, Python
+# headers and venv, and the tools the benchmarks compare against (mksquashfs, squashfuse, zstd).
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev \
+                squashfs-tools squashfuse zstd
+BENCH_RUNS ?= 3
+
+.PHONY: help setup system-packages venv demo lint test bench bench-rootfs bench-lookup \
+        bench-build bench-report clean distclean
+
+help:
+	@echo "make demo       set up, then build/inspect/check a sample image (scripts/demo.sh)"
+	@echo "make test       set up, then ruff check, mypy --strict, pytest"
+	@echo "make lint       ruff check and mypy only"
+	@echo "make bench      run bench/ (BENCH_RUNS=$(BENCH_RUNS)) and regenerate docs/benchmarks.md"
+	@echo "make setup      apt packages (only if missing) + $(VENV) with the package (editable, dev extras)"
+	@echo "make clean      remove caches and bench/.cache;  make distclean  also removes $(VENV)"
+
+setup: system-packages venv
+
+system-packages:
+	@missing=""; \
+	for p in $(APT_PACKAGES); do \
+	    dpkg-query -W -f='$${Status}' "$$p" 2>/dev/null | grep -q 'install ok installed' \
+	        || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	    sudo=""; [ "$$(id -u)" -eq 0 ] || sudo="sudo"; \
+	    echo "setup: installing system packages:$$missing"; \
+	    $$sudo apt-get update -qq; \
+	    DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+venv:
+	@if ! $(BIN)/python -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then \
+	    $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+	        || { echo "setup: $(PYTHON) is older than 3.11; set PYTHON=..." >&2; exit 1; }; \
+	    echo "setup: creating $(VENV) with $$($(PYTHON) -c 'import sys; print(sys.executable)')"; \
+	    rm -rf $(VENV); \
+	    $(PYTHON) -m venv $(VENV); \
+	    $(BIN)/python -m pip install -q --upgrade pip; \
+	fi
+	@if [ ! -f $(STAMP) ] || [ pyproject.toml -nt $(STAMP) ] || [ ! -x $(BIN)/nydusfs ]; then \
+	    echo "setup: pip install -e '.[dev]'"; \
+	    $(BIN)/python -m pip install -q -e '.[dev]'; \
+	    touch $(STAMP); \
+	fi
+
+demo: setup
+	scripts/demo.sh
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest -q
+
+# Benchmarks are not tests: they measure ratios against a baseline run in the same session and
+# write docs/benchmarks.md. Each step can be run alone; bench-report merges whatever results
+# bench/.cache/results/ holds.
+bench: bench-lookup bench-build bench-report
+
+bench-rootfs: setup
+	bench/rootfs.sh
+
+bench-lookup: setup
+	$(BIN)/python bench/lookup_bench.py
+
+bench-build: bench-rootfs
+	$(BIN)/python bench/build_bench.py --runs $(BENCH_RUNS)
+
+bench-report: setup
+	$(BIN)/python bench/report.py
+
+clean:
+	rm -rf .mypy_cache .ruff_cache .pytest_cache .hypothesis build dist *.egg-info bench/.cache
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,130 @@
+"""Shared helpers for the benchmarks in bench/: medians, machine facts, result files.
+
+Benchmarks are not tests. Each one measures a ratio against a baseline run in the same session
+(the machine is noisy, absolute times are not comparable across runs) and writes its raw samples
+to ``bench/.cache/results/<name>.json``; ``report.py`` turns those into ``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "BENCH_DIR",
+    "CACHE_DIR",
+    "REPO_DIR",
+    "RESULTS_DIR",
+    "drop_caches",
+    "load_result",
+    "machine_info",
+    "median",
+    "save_result",
+    "source_revision",
+    "tool_version",
+]
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+CACHE_DIR = BENCH_DIR / ".cache"
+RESULTS_DIR = CACHE_DIR / "results"
+
+
+def median(samples: Sequence[float]) -> float:
+    if not samples:
+        raise ValueError("no samples")
+    return float(statistics.median(samples))
+
+
+def drop_caches() -> bool:
+    """Drop the page cache (root only); False when the kernel refused. Never raises."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError:
+        return False
+    return True
+
+
+def _first_line(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "not available"
+    text = (out.stdout or out.stderr).strip()
+    return text.splitlines()[0] if text else "not available"
+
+
+def machine_info() -> dict[str, Any]:
+    """Facts that explain a number: cores, kernel, Python, memory, date, checkout measured."""
+    mem_total = 0
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    mem_total = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "nproc": os.cpu_count() or 0,
+        "cpu": cpu,
+        "mem_bytes": mem_total,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "python_impl": sys.implementation.name,
+        "revision": source_revision(),
+    }
+
+
+def tool_version(cmd: list[str]) -> str:
+    return _first_line(cmd)
+
+
+def source_revision() -> str:
+    """The checkout measured: ``git describe`` (``-dirty`` with local changes), or a note."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO_DIR), "describe", "--always", "--dirty"],
+            capture_output=True, text=True, timeout=30, check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown revision"
+    rev = out.stdout.strip()
+    return f"git {rev}" if out.returncode == 0 and rev else "uncommitted tree"
+
+
+def save_result(name: str, data: dict[str, Any]) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def load_result(name: str) -> dict[str, Any] | None:
+    path = RESULTS_DIR / f"{name}.json"
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data
