@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from nydusfs.builder.chunker import make_chunker
 from nydusfs.builder.dirsource import open_file, scan_directory
@@ -191,7 +191,8 @@ def build(sources: Sequence[str], out: Path, options: BuildOptions) -> BuildResu
     try:
         kind = _classify(sources)
         progress = _Progress(options.progress, "build")
-        pipeline = ChunkPipeline(spool, chunker, level, options.workers, progress.update)
+        pipeline = ChunkPipeline(spool, chunker, level, options.workers, progress.update,
+                                 options.chunk_size)
         if kind == "dir":
             root = scan_directory(sources[0])
         else:
@@ -202,7 +203,8 @@ def build(sources: Sequence[str], out: Path, options: BuildOptions) -> BuildResu
             src_root = os.fsencode(os.path.abspath(sources[0]))
             progress.set_total(sum(n.size for n in order))
             for node in order:
-                _chunk_file(pipeline, src_root, node)
+                assert node.data is not None
+                pipeline.add_file(node, _SourceFile(src_root, node.data))  # type: ignore[arg-type]
         pipeline.flush()
         assembled = spool.assemble((d for n in order for d in (n.chunks or ())), blob_dir)
         specs, ino_of = _inode_specs(root)
@@ -309,19 +311,37 @@ def _apply_layers(
     return root
 
 
-def _chunk_file(pipeline: ChunkPipeline, src_root: bytes, node: Node) -> None:
-    assert node.data is not None
-    try:
-        fd = open_file(src_root, node.data)
-    except OSError as exc:
-        raise SourceError(f"{os.fsdecode(node.data)}: cannot open: {exc.strerror}") from exc
-    with os.fdopen(fd, "rb", buffering=0) as f:
+class _SourceFile:
+    """Opens and reads one source file; OS errors become ``SourceError`` naming the file.
+
+    Runs in worker threads for small files, so it must not touch shared state.
+    """
+
+    def __init__(self, src_root: bytes, rel: bytes) -> None:
+        self._root = src_root
+        self._rel = rel
+        self._f: BinaryIO | None = None
+
+    def __call__(self) -> _SourceFile:
         try:
-            n = pipeline.add(node, f)
+            self._f = os.fdopen(open_file(self._root, self._rel), "rb", buffering=0)
         except OSError as exc:
-            raise SourceError(f"{os.fsdecode(node.data)}: read failed: {exc.strerror}") from exc
-    if n != node.size:  # changed while building: record what was read, consistently
-        node.size = n
+            raise SourceError(f"{os.fsdecode(self._rel)}: cannot open: {exc.strerror}") from exc
+        return self
+
+    def read(self, n: int = -1) -> bytes:
+        assert self._f is not None
+        try:
+            return self._f.read(n)
+        except OSError as exc:
+            raise SourceError(f"{os.fsdecode(self._rel)}: read failed: {exc.strerror}") from exc
+
+    def __enter__(self) -> _SourceFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._f is not None:
+            self._f.close()
 
 
 def _inode_specs(root: Node) -> tuple[list[InodeSpec], dict[int, int]]:

@@ -9,6 +9,7 @@ a whole file.
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Iterator
 from typing import BinaryIO, Protocol
 
@@ -61,12 +62,15 @@ class FixedChunker:
 class CdcChunker:
     def __init__(self, average: int) -> None:
         self.average = average
-        self._cdc = FastCDC(average, min_size=average // 4, max_size=average * 4)
+        self._local = threading.local()  # a FastCDC instance must not be shared by threads
 
     def split(self, stream: BinaryIO) -> Iterator[bytes]:
-        # cut_stream reuses its buffer: copy each chunk before the next one is produced. Only
-        # the builder's main thread calls split(), so one FastCDC instance is enough.
-        for chunk in self._cdc.cut_stream(stream):
+        cdc = getattr(self._local, "cdc", None)
+        if cdc is None:
+            avg = self.average
+            cdc = self._local.cdc = FastCDC(avg, min_size=avg // 4, max_size=avg * 4)
+        # cut_stream reuses its buffer: copy each chunk before the next one is produced.
+        for chunk in cdc.cut_stream(stream):
             yield bytes(chunk.data)
 
 

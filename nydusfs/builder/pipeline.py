@@ -182,9 +182,13 @@ def _running(plan: list[tuple[bytes, _Spooled]]) -> Iterable[int]:
 # digest, payload (None: already stored), flags, uncompressed size
 _Result = tuple[bytes, bytes | None, int, int]
 
+# A small file is read, hashed and compressed entirely by one worker: for trees of many small
+# files the main thread would otherwise spend its time in open()/read() while workers idle.
+WHOLE_FILE_CHUNKS = 4
+
 
 class ChunkPipeline:
-    """Feed streams in; ``node.chunks`` fills in file order; unique payloads land in the spool."""
+    """Feed files in; ``node.chunks`` fills in file order; unique payloads land in the spool."""
 
     def __init__(
         self,
@@ -193,25 +197,40 @@ class ChunkPipeline:
         level: int | None,
         workers: int,
         on_bytes: Callable[[int], None] | None = None,
+        chunk_size: int = 1 << 20,
     ) -> None:
         self._spool = spool
         self._chunker = chunker
         self._level = level
         self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="chunk")
-        self._pending: deque[tuple[Node, Future[_Result]]] = deque()
+        # Each entry: the node, its results, and whether the entry is a whole file.
+        self._pending: deque[tuple[Node, Future[list[_Result]], bool]] = deque()
         self._window = 2 * max(1, workers) + 2
+        self._whole_file_limit = WHOLE_FILE_CHUNKS * chunk_size
         self._on_bytes = on_bytes
         self.bytes_in = 0
         self.chunks_total = 0
         self.chunks_deduped = 0
         self.bytes_deduped = 0
 
-    def _work(self, data: bytes) -> _Result:
+    def _one(self, data: bytes) -> _Result:
         d = chunk_digest(data)
         if self._spool.has(d):
             return d, None, 0, len(data)
         payload, flags = encode(data, self._level)
         return d, payload, flags, len(data)
+
+    def _work(self, data: bytes) -> list[_Result]:
+        return [self._one(data)]
+
+    def _work_file(self, opener: Callable[[], BinaryIO]) -> list[_Result]:
+        with opener() as f:
+            return [self._one(data) for data in self._chunker.split(f)]
+
+    def _submit(self, node: Node, fut: Future[list[_Result]], whole: bool) -> None:
+        self._pending.append((node, fut, whole))
+        while len(self._pending) > self._window:
+            self._drain_one()
 
     def add(self, node: Node, stream: BinaryIO) -> int:
         """Chunk one file's stream; returns the bytes read. Stream errors propagate."""
@@ -219,34 +238,52 @@ class ChunkPipeline:
         total = 0
         for data in self._chunker.split(stream):
             total += len(data)
-            self._pending.append((node, self._pool.submit(self._work, data)))
             self.bytes_in += len(data)
             if self._on_bytes is not None:
                 self._on_bytes(len(data))
-            while len(self._pending) > self._window:
-                self._drain_one()
+            self._submit(node, self._pool.submit(self._work, data), False)
         return total
 
+    def add_file(self, node: Node, opener: Callable[[], BinaryIO]) -> None:
+        """Chunk a file the workers can open themselves (a directory source).
+
+        ``node.size`` becomes the bytes actually read (a file may change while we build);
+        errors from ``opener`` or reading surface from ``flush`` or a later ``add*`` call.
+        """
+        if node.size > self._whole_file_limit:
+            with opener() as f:
+                node.size = self.add(node, f)
+            return
+        node.chunks = []
+        self._submit(node, self._pool.submit(self._work_file, opener), True)
+
     def _drain_one(self) -> None:
-        node, fut = self._pending.popleft()
-        d, payload, flags, size = fut.result()
-        self.chunks_total += 1
-        if self._spool.has(d):
-            self.chunks_deduped += 1
-            self.bytes_deduped += size
-        else:
-            if payload is None:  # cannot happen: has() only turns true
-                raise BuildError("chunk vanished from the spool (builder bug)")
-            self._spool.put(d, payload, flags, size)
+        node, fut, whole = self._pending.popleft()
+        results = fut.result()
         assert node.chunks is not None
-        node.chunks.append(d)
+        for d, payload, flags, size in results:
+            self.chunks_total += 1
+            if self._spool.has(d):
+                self.chunks_deduped += 1
+                self.bytes_deduped += size
+            else:
+                if payload is None:  # cannot happen: has() only turns true
+                    raise BuildError("chunk vanished from the spool (builder bug)")
+                self._spool.put(d, payload, flags, size)
+            node.chunks.append(d)
+        if whole:
+            n = sum(r[3] for r in results)
+            node.size = n
+            self.bytes_in += n
+            if self._on_bytes is not None:
+                self._on_bytes(n)
 
     def flush(self) -> None:
         while self._pending:
             self._drain_one()
 
     def close(self) -> None:
-        for _, fut in self._pending:
+        for _, fut, _whole in self._pending:
             fut.cancel()
         self._pending.clear()
         self._pool.shutdown(wait=True, cancel_futures=True)
