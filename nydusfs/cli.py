@@ -188,6 +188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NydusfsError as exc:
         print(f"nydusfs: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `nydusfs inspect ... | head`: not an error worth a message
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except OSError as exc:  # disk full, permissions on OUT, ...: still one clear line
         print(f"nydusfs: error: {exc}", file=sys.stderr)
         return 1
