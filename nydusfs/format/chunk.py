@@ -71,11 +71,26 @@ def decode(
     Raises ``IntegrityError`` for anything that does not yield exactly the bytes named by
     ``digest``: an undecodable frame, a wrong size, a digest mismatch. Never returns wrong bytes.
     """
-    if uncompressed_size > MAX_CHUNK_SIZE:
+    if not 0 <= uncompressed_size <= MAX_CHUNK_SIZE:
         raise IntegrityError(f"chunk {digest.hex()}: size {uncompressed_size} exceeds the limit")
     if flags & CHUNK_FLAG_ZSTD:
+        # python-zstandard sizes its output from the frame header and ignores max_output_size
+        # when the header declares a content size, so check the declaration first: a hostile
+        # frame must not make us allocate more than the chunk record allows. (A frame without
+        # a declared size is bounded by max_output_size; ours always declare it.)
         try:
-            data = _decompressor().decompress(payload, max_output_size=uncompressed_size)
+            declared = zstandard.frame_content_size(payload)
+        except zstandard.ZstdError as exc:
+            raise IntegrityError(f"chunk {digest.hex()}: bad zstd frame: {exc}") from exc
+        if declared not in (uncompressed_size, -1):  # -1: the frame does not say
+            raise IntegrityError(
+                f"chunk {digest.hex()}: frame declares {declared} bytes, "
+                f"expected {uncompressed_size}"
+            )
+        try:
+            # (max_output_size=0 would mean "unlimited": an empty chunk is not decompressed.)
+            data = (_decompressor().decompress(payload, max_output_size=uncompressed_size)
+                    if uncompressed_size else b"")
         except zstandard.ZstdError as exc:
             raise IntegrityError(f"chunk {digest.hex()}: bad zstd frame: {exc}") from exc
     else:

@@ -244,19 +244,23 @@ class Bootstrap:
 
     def walk(self) -> Iterator[tuple[bytes, Inode]]:
         """Every (path, inode) depth-first, the root first as ``b"/"``; iterative: any depth."""
-        root = self.inode(L.ROOT_INO)
-        stack: list[tuple[bytes, Inode]] = [(b"/", root)]
-        seen_dirs = 0
+        # Entries are pushed undecoded and each directory is expanded at most once, so a
+        # malformed bootstrap (cycles, directories sharing entry runs) costs at most
+        # O(inodes + dirents) work, never a blow-up.
+        stack: list[tuple[bytes, int]] = [(b"/", L.ROOT_INO)]
+        expanded: set[int] = set()
         while stack:
-            path, node = stack.pop()
+            path, ino = stack.pop()
+            node = self.inode(ino)
             yield path, node
             if node.is_dir():
-                seen_dirs += 1
-                if seen_dirs > self._cnt["inodes"]:
-                    raise self._fail("directory cycle")
+                if ino in expanded:
+                    raise self._fail(f"inode {ino}: directory reached twice (cycle or shared)")
+                expanded.add(ino)
                 prefix = path if path == b"/" else path + b"/"
-                kids = [(prefix + e.name, self.inode(e.ino)) for e in self.readdir(node)]
-                stack.extend(reversed(kids))
+                for i in range(node.data_count - 1, -1, -1):
+                    e = self.dirent(node.data_index + i)
+                    stack.append((prefix + e.name, e.ino))
 
     # ---- symlinks and xattrs ------------------------------------------------------------
 
@@ -393,6 +397,7 @@ class Bootstrap:
             body.release()
         n = self._cnt["inodes"]
         inodes = [self.inode(i) for i in range(1, n + 1)]
+        self._check_disjoint_runs(inodes)
         refs = [0] * (n + 1)
         files = dirs = 0
         for node in inodes:
@@ -446,6 +451,24 @@ class Bootstrap:
             "inodes": n, "files": files, "directories": dirs, "chunks": self._cnt["chunks"],
             "blobs": self._cnt["blobs"],
         }
+
+    def _check_disjoint_runs(self, inodes: list[Inode]) -> None:
+        """Each inode owns its dirent/chunkref/xattr run (shared runs make checks quadratic)."""
+        runs: dict[str, list[tuple[int, int, int]]] = {"dirents": [], "chunkrefs": [],
+                                                         "xattrs": []}
+        for node in inodes:
+            if node.is_dir() and node.data_count:
+                runs["dirents"].append((node.data_index, node.data_count, node.ino))
+            elif node.is_reg() and node.data_count:
+                runs["chunkrefs"].append((node.data_index, node.data_count, node.ino))
+            if node.xattr_count:
+                runs["xattrs"].append((node.xattr_index, node.xattr_count, node.ino))
+        for table, spans in runs.items():
+            end = 0
+            for start, count, ino in sorted(spans):
+                if start < end:
+                    raise self._fail(f"inode {ino}: {table} overlap another inode's")
+                end = start + count
 
     def _check_merkle(self, inodes: list[Inode]) -> None:
         computed: list[bytes] = [b""] * (len(inodes) + 1)

@@ -92,12 +92,12 @@ def write_bootstrap(
     prefetch: Sequence[int],
     params: BootstrapParams,
 ) -> bytes:
-    """Write the bootstrap to ``out`` and return the root Merkle digest."""
+    """Write the bootstrap to ``out`` and return the root Merkle digest.
+
+    Raises ``BuildError`` for any input the reader's ``check()`` would reject.
+    """
+    _validate(inodes, chunks, blobs, params)
     n = len(inodes)
-    if n == 0 or not stat.S_ISDIR(inodes[0].mode):
-        raise BuildError("the root inode must be a directory")
-    if n > 0xFFFFFFFF:
-        raise BuildError("too many inodes")
 
     # nlink: directories 2 + subdirectories; everything else, the names pointing at it.
     nlink = [0] * (n + 1)
@@ -105,8 +105,6 @@ def write_bootstrap(
         if stat.S_ISDIR(spec.mode):
             nlink[i] += 2
         for name, child in spec.children:
-            if not 1 <= child <= n:
-                raise BuildError(f"inode {i}: entry {name!r} points at missing inode {child}")
             if stat.S_ISDIR(inodes[child - 1].mode):
                 if child <= i:
                     raise BuildError(f"inode {i}: subdirectory {name!r} must have a larger ino")
@@ -120,8 +118,6 @@ def write_bootstrap(
     chunk_tab = bytearray()
     for d in order:
         p = chunks[d]
-        if len(d) != L.DIGEST_SIZE or not 0 <= p.blob_index < len(blobs):
-            raise BuildError(f"chunk {d.hex()}: bad digest or blob index")
         chunk_tab += L.CHUNK.pack(
             d, p.blob_index, p.flags, p.compressed_offset, p.compressed_size, p.uncompressed_size
         )
@@ -235,6 +231,78 @@ def write_bootstrap(
     out.write(header)
     out.write(body)
     return digests[L.ROOT_INO]
+
+
+_KNOWN_TYPES = frozenset(
+    {stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO,
+     stat.S_IFSOCK}
+)
+_U64 = 1 << 64
+
+
+def _validate(
+    inodes: Sequence[InodeSpec],
+    chunks: Mapping[bytes, ChunkPlacement],
+    blobs: Sequence[tuple[bytes, int]],
+    params: BootstrapParams,
+) -> None:
+    """Reject, before anything is packed, every input the reader would refuse."""
+    n = len(inodes)
+    if n == 0 or not stat.S_ISDIR(inodes[0].mode):
+        raise BuildError("the root inode must be a directory")
+    if n > 0xFFFFFFFF:
+        raise BuildError("too many inodes")
+    cs = params.chunk_size
+    if cs & (cs - 1) or not L.MIN_CHUNK_SIZE <= cs <= L.MAX_CHUNK_SIZE:
+        raise BuildError(f"chunk size {cs} is not a power of two from 64K to 16M")
+    if params.compression not in (L.COMPRESSION_NONE, L.COMPRESSION_ZSTD):
+        raise BuildError(f"unknown compression {params.compression}")
+    for i, (sha, size) in enumerate(blobs):
+        if len(sha) != L.DIGEST_SIZE or not 0 <= size < _U64:
+            raise BuildError(f"blob {i}: bad sha256 or size")
+    for d, p in chunks.items():
+        where = f"chunk {d.hex()}"
+        if len(d) != L.DIGEST_SIZE or not 0 <= p.blob_index < len(blobs):
+            raise BuildError(f"{where}: bad digest or blob index")
+        if p.flags & ~L.CHUNK_FLAG_ZSTD:
+            raise BuildError(f"{where}: unknown flags {p.flags:#x}")
+        if not 0 < p.uncompressed_size <= L.MAX_CHUNK_SIZE or not 0 < p.compressed_size < 1 << 32:
+            raise BuildError(f"{where}: bad size {p.compressed_size}/{p.uncompressed_size}")
+        if not p.flags & L.CHUNK_FLAG_ZSTD and p.compressed_size != p.uncompressed_size:
+            raise BuildError(f"{where}: raw chunk with differing sizes")
+        end = p.compressed_offset + p.compressed_size
+        if p.compressed_offset < 0 or end > blobs[p.blob_index][1]:
+            raise BuildError(f"{where}: extent outside blob {p.blob_index}")
+
+    named_by: list[list[int]] = [[] for _ in range(n + 1)]
+    for i, spec in enumerate(inodes, start=1):
+        fmt = stat.S_IFMT(spec.mode)
+        if fmt not in _KNOWN_TYPES or spec.mode & ~0o177777 or spec.mode < 0:
+            raise BuildError(f"inode {i}: bad mode {spec.mode:#o}")
+        _check_u32(i, uid=spec.uid, gid=spec.gid)
+        if not 1 <= spec.parent <= n:
+            raise BuildError(f"inode {i}: parent {spec.parent} out of range")
+        if not 0 <= spec.mtime_nsec < 1_000_000_000 or not -(1 << 63) <= spec.mtime_sec < 1 << 63:
+            raise BuildError(f"inode {i}: mtime out of range")
+        if not 0 <= spec.rdev < _U64 or not 0 <= spec.size < _U64:
+            raise BuildError(f"inode {i}: rdev or size out of range")
+        if spec.children and fmt != stat.S_IFDIR:
+            raise BuildError(f"inode {i}: only directories have entries")
+        if spec.chunks and fmt != stat.S_IFREG:
+            raise BuildError(f"inode {i}: only regular files have chunks")
+        for name, child in spec.children:
+            if not 1 <= child <= n:
+                raise BuildError(f"inode {i}: entry {name!r} points at missing inode {child}")
+            named_by[child].append(i)
+    if named_by[L.ROOT_INO] or inodes[0].parent != L.ROOT_INO:
+        raise BuildError("the root directory must not be named by any entry")
+    for i, spec in enumerate(inodes[1:], start=2):
+        if not named_by[i]:
+            raise BuildError(f"inode {i} is not reachable from the root")
+        if stat.S_ISDIR(spec.mode) and len(named_by[i]) != 1:
+            raise BuildError(f"inode {i}: a directory must have exactly one name")
+        if spec.parent not in named_by[i]:
+            raise BuildError(f"inode {i}: parent {spec.parent} does not name it")
 
 
 def _check_u32(ino: int, **values: int) -> None:
