@@ -96,6 +96,7 @@ __all__ = [
     "MAX_NAME_LEN",
     "MAX_SYMLINK_LEN",
     "MAX_XATTR_NAME_LEN",
+    "MAX_XATTR_TOTAL",
     "MAX_XATTR_VALUE_LEN",
     "MIN_CHUNK_SIZE",
     "PREFETCH",
@@ -125,6 +126,9 @@ MAX_NAME_LEN: Final = 255
 MAX_SYMLINK_LEN: Final = 4095
 MAX_XATTR_NAME_LEN: Final = 255
 MAX_XATTR_VALUE_LEN: Final = 65536
+# All of one inode's xattr names and values together. Values are interned in the string area,
+# so without a cap a small bootstrap could make one getxattr read gigabytes.
+MAX_XATTR_TOTAL: Final = 256 * 1024
 
 # Header: magic, version, header_size, flags, chunk_size, digest_algo, compression, reserved16,
 # root_ino, reserved32, 16 x u64 table descriptors, root_digest, body_digest, reserved.

@@ -244,11 +244,12 @@ class Bootstrap:
 
     def walk(self) -> Iterator[tuple[bytes, Inode]]:
         """Every (path, inode) depth-first, the root first as ``b"/"``; iterative: any depth."""
-        # Entries are pushed undecoded and each directory is expanded at most once, so a
-        # malformed bootstrap (cycles, directories sharing entry runs) costs at most
-        # O(inodes + dirents) work, never a blow-up.
+        # Entries are pushed undecoded, each directory is expanded at most once, and the
+        # entries expanded may not exceed the dirent table (runs are disjoint in a valid
+        # bootstrap), so a malformed one (cycles, shared runs) costs O(inodes + dirents).
         stack: list[tuple[bytes, int]] = [(b"/", L.ROOT_INO)]
         expanded: set[int] = set()
+        budget = self._cnt["dirents"]
         while stack:
             path, ino = stack.pop()
             node = self.inode(ino)
@@ -257,6 +258,9 @@ class Bootstrap:
                 if ino in expanded:
                     raise self._fail(f"inode {ino}: directory reached twice (cycle or shared)")
                 expanded.add(ino)
+                budget -= node.data_count
+                if budget < 0:
+                    raise self._fail(f"inode {ino}: directories share entries")
                 prefix = path if path == b"/" else path + b"/"
                 for i in range(node.data_count - 1, -1, -1):
                     e = self.dirent(node.data_index + i)
@@ -273,10 +277,14 @@ class Bootstrap:
     def xattrs(self, ino: int | Inode) -> list[Xattr]:
         node = self.inode(ino) if isinstance(ino, int) else ino
         out = []
+        total = 0
         for i in range(node.xattr_index, node.xattr_index + node.xattr_count):
             name_off, value_off, name_len, value_len = self._unpack("xattrs", L.XATTR, i)
             if not 0 < name_len <= L.MAX_XATTR_NAME_LEN or value_len > L.MAX_XATTR_VALUE_LEN:
                 raise self._fail(f"xattr {i}: bad length")
+            total += name_len + value_len
+            if total > L.MAX_XATTR_TOTAL:
+                raise self._fail(f"inode {node.ino}: xattrs exceed {L.MAX_XATTR_TOTAL} bytes")
             out.append(Xattr(self._string(name_off, name_len, f"xattr {i}"),
                              self._string(value_off, value_len, f"xattr {i}")))
         return out

@@ -177,6 +177,8 @@ def write_bootstrap(
             n_chunkrefs += len(spec.chunks)
         elif stat.S_ISLNK(spec.mode):
             data_index, data_count = strings.add(spec.target), len(spec.target)
+        if sum(len(k) + len(v) for k, v in spec.xattrs.items()) > L.MAX_XATTR_TOTAL:
+            raise BuildError(f"inode {i}: xattrs exceed {L.MAX_XATTR_TOTAL} bytes in all")
         xattr_index = n_xattrs
         for name, value in sorted(spec.xattrs.items()):
             if not 0 < len(name) <= L.MAX_XATTR_NAME_LEN or len(value) > L.MAX_XATTR_VALUE_LEN:
@@ -276,9 +278,9 @@ def _validate(
 
     named_by: list[list[int]] = [[] for _ in range(n + 1)]
     for i, spec in enumerate(inodes, start=1):
-        fmt = stat.S_IFMT(spec.mode)
-        if fmt not in _KNOWN_TYPES or spec.mode & ~0o177777 or spec.mode < 0:
+        if not 0 <= spec.mode <= 0o177777 or stat.S_IFMT(spec.mode) not in _KNOWN_TYPES:
             raise BuildError(f"inode {i}: bad mode {spec.mode:#o}")
+        fmt = stat.S_IFMT(spec.mode)
         _check_u32(i, uid=spec.uid, gid=spec.gid)
         if not 1 <= spec.parent <= n:
             raise BuildError(f"inode {i}: parent {spec.parent} out of range")
