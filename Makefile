@@ -15,9 +15,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.dfnydus-installed
 # System packages: FUSE (runtime + headers, pyfuse3 is built from source), a compiler, Python
-# headers and venv, and the tools the benchmarks compare against (mksquashfs, squashfuse, zstd).
+# headers and venv, the tools the benchmarks compare against (mksquashfs, squashfuse, zstd),
+# and umoci + skopeo, which the tests use to write real OCI image layouts.
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev \
-                squashfs-tools squashfuse zstd
+                squashfs-tools squashfuse zstd umoci skopeo
 BENCH_RUNS ?= 3
 
 .PHONY: help setup system-packages venv demo lint test bench bench-rootfs bench-lookup \

@@ -33,7 +33,7 @@ from typing import Any, BinaryIO
 from nydusfs.builder.chunker import make_chunker
 from nydusfs.builder.dirsource import open_file, scan_directory
 from nydusfs.builder.ocisource import open_oci_layout, parse_oci_ref
-from nydusfs.builder.pipeline import ChunkPipeline, Spool
+from nydusfs.builder.pipeline import AssembledBlobs, ChunkPipeline, Spool
 from nydusfs.builder.tarsource import TarLayers
 from nydusfs.builder.tree import Node, inode_order, layout_order
 from nydusfs.errors import BuildError, SourceError
@@ -177,6 +177,7 @@ def build(sources: Sequence[str], out: Path, options: BuildOptions) -> BuildResu
     chunk_dict = Bootstrap.open(options.chunk_dict) if options.chunk_dict else None
     blob_dir = out / "blobs"
     created = [d for d in (out, blob_dir) if not d.exists()]
+    assembled: AssembledBlobs | None = None
     try:
         blob_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -194,7 +195,10 @@ def build(sources: Sequence[str], out: Path, options: BuildOptions) -> BuildResu
         pipeline = ChunkPipeline(spool, chunker, level, options.workers, progress.update,
                                  options.chunk_size)
         if kind == "dir":
-            root = scan_directory(sources[0])
+            out_st = out.stat()
+            root, excluded = scan_directory(sources[0], {(out_st.st_dev, out_st.st_ino)})
+            warnings.extend(f"output directory {os.fsdecode(p)} inside the source: left out"
+                            for p in excluded)
         else:
             root = _apply_layers(kind, sources, pipeline, warnings)
         first = _prefetch_nodes(root, options.prefetch, warnings.append)
@@ -228,6 +232,8 @@ def build(sources: Sequence[str], out: Path, options: BuildOptions) -> BuildResu
             p.unlink(missing_ok=True)
         for p in blob_dir.glob(".blob-*.tmp"):
             p.unlink(missing_ok=True)
+        if assembled is not None and assembled.new_blob and assembled.new_blob_created:
+            assembled.new_blob.unlink(missing_ok=True)
         for d in reversed(created):  # leave OUT as we found it
             with contextlib.suppress(OSError):
                 d.rmdir()
@@ -304,7 +310,7 @@ def _apply_layers(
         image = open_oci_layout(*ref)
         for desc in image.layers:
             with image.open_layer(desc) as reader:
-                layers.apply(reader, f"layer {desc.digest[:19]}")  # type: ignore[arg-type]
+                layers.apply(reader, f"layer {desc.digest[:19]}", verified=True)  # type: ignore[arg-type]
     warnings.extend(f"skipped {s}" for s in layers.skipped)
     root = layers.root
     root.mode = stat.S_IFDIR | (root.mode & 0o7777)

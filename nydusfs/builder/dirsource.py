@@ -16,7 +16,7 @@ import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from nydusfs.builder.tree import Node
+from nydusfs.builder.tree import Node, check_xattrs
 from nydusfs.errors import SourceError
 
 __all__ = ["open_file", "scan_directory"]
@@ -89,8 +89,15 @@ def _node(st: os.stat_result, xattrs: dict[bytes, bytes], target: bytes, rel: by
     )
 
 
-def scan_directory(root_path: str | bytes) -> Node:
-    """Read the metadata of the tree at ``root_path`` into a ``Node`` tree."""
+def scan_directory(
+    root_path: str | bytes, exclude: set[tuple[int, int]] | None = None
+) -> tuple[Node, list[bytes]]:
+    """Read the metadata of the tree at ``root_path`` into a ``Node`` tree.
+
+    Directories whose (st_dev, st_ino) is in ``exclude`` (the build's own output, when it lies
+    inside the source) are left out; their paths are returned so the caller can say so.
+    """
+    excluded: list[bytes] = []
     root = os.fsencode(os.path.abspath(root_path))
     try:
         st = os.stat(root)
@@ -109,12 +116,16 @@ def scan_directory(root_path: str | bytes) -> Node:
                     st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
                     child_rel = rel + b"/" + name if rel else name
                     key = (st.st_dev, st.st_ino)
+                    if exclude and stat.S_ISDIR(st.st_mode) and key in exclude:
+                        excluded.append(child_rel)
+                        continue
                     if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1 and key in links:
                         dnode.kids()[name] = links[key]
                         continue
                     target = (os.readlink(name, dir_fd=dfd)
                               if stat.S_ISLNK(st.st_mode) else b"")
-                    node = _node(st, _xattrs(proc + name), os.fsencode(target), child_rel)
+                    xattrs = check_xattrs(_xattrs(proc + name), os.fsdecode(child_rel))
+                    node = _node(st, xattrs, os.fsencode(target), child_rel)
                     if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
                         links[key] = node
                     dnode.kids()[name] = node
@@ -122,4 +133,4 @@ def scan_directory(root_path: str | bytes) -> Node:
                         todo.append((child_rel, node))
     except OSError as exc:
         raise SourceError(f"{os.fsdecode(root)}: cannot read source tree: {exc}") from exc
-    return tree
+    return tree, excluded

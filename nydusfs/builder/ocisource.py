@@ -121,7 +121,15 @@ class OciImage:
             raise SourceError(f"{label}: missing from the layout: {exc.strerror}") from exc
         with f:
             reader = VerifyingReader(f, desc, label)
-            yield reader
+            try:
+                yield reader
+            except SourceError as exc:
+                # An unparsable layer may simply be corrupt: if its digest is wrong, say that.
+                try:
+                    reader.finish()
+                except IntegrityError as bad:
+                    raise bad from exc
+                raise
             reader.finish()
 
 
@@ -152,17 +160,15 @@ def open_oci_layout(path: Path, tag: str | None, platform: str = "linux/amd64") 
     manifests = index.get("manifests") if isinstance(index, dict) else None
     if not isinstance(manifests, list) or not manifests:
         raise SourceError(f"{path}: index.json lists no images")
+    tags = [_ref_name(m) for m in manifests]
     if tag is None:
         if len(manifests) != 1:
-            tags = [m.get("annotations", {}).get(REF_NAME)
-                    for m in manifests if isinstance(m, dict)]
             raise SourceError(f"{path}: several images, name one with oci:PATH:TAG (tags: {tags})")
         chosen = manifests[0]
     else:
-        found = [m for m in manifests
-                 if isinstance(m, dict) and m.get("annotations", {}).get(REF_NAME) == tag]
+        found = [m for m in manifests if _ref_name(m) == tag]
         if not found:
-            raise SourceError(f"{path}: no image tagged {tag!r}")
+            raise SourceError(f"{path}: no image tagged {tag!r} (tags: {tags})")
         chosen = found[0]
     desc = Descriptor.parse(chosen, "index.json")
     blobs = path / "blobs" / "sha256"
@@ -188,14 +194,20 @@ def open_oci_layout(path: Path, tag: str | None, platform: str = "linux/amd64") 
     return OciImage(path, desc.digest, layers, config)
 
 
+def _ref_name(descriptor: Any) -> str | None:
+    annotations = descriptor.get("annotations") if isinstance(descriptor, dict) else None
+    name = annotations.get(REF_NAME) if isinstance(annotations, dict) else None
+    return name if isinstance(name, str) else None
+
+
 def _pick_platform(index: Any, platform: str, path: Path) -> Descriptor:
     manifests = index.get("manifests") if isinstance(index, dict) else None
     if not isinstance(manifests, list) or not manifests:
         raise SourceError(f"{path}: image index lists no manifests")
     os_name, _, arch = platform.partition("/")
     for m in manifests:
-        p = m.get("platform", {}) if isinstance(m, dict) else {}
-        if p.get("os") == os_name and p.get("architecture") == arch:
+        p = m.get("platform") if isinstance(m, dict) else None
+        if isinstance(p, dict) and p.get("os") == os_name and p.get("architecture") == arch:
             return Descriptor.parse(m, "image index")
     if len(manifests) == 1:
         return Descriptor.parse(manifests[0], "image index")

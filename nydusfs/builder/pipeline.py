@@ -51,6 +51,7 @@ class AssembledBlobs:
     dict_blob_indexes: list[int]  # chunk-dict blob indexes, in new blob-table order
     chunks_new: int
     chunks_from_dict: int
+    new_blob_created: bool = False  # False when an identical blob was already in OUT
 
 
 class Spool:
@@ -112,6 +113,7 @@ class Spool:
         placements: dict[bytes, ChunkPlacement] = {}
         blobs: list[tuple[bytes, int]] = []
         new_blob: Path | None = None
+        created = False
         if plan:
             in_place = all(
                 e.offset == off for (_, e), off in zip(plan, _running(plan), strict=True)
@@ -120,10 +122,12 @@ class Spool:
             if in_place:
                 sha, size = self._sha.digest(), self._size
                 new_blob = blob_dir / sha.hex()
+                created = not new_blob.exists()
                 os.replace(self.path, new_blob)
             else:
                 sha, size, tmp = self._copy_in_order(plan, blob_dir)
                 new_blob = blob_dir / sha.hex()
+                created = not new_blob.exists()
                 os.replace(tmp, new_blob)
                 self.path.unlink()
             blobs.append((sha, size))
@@ -150,7 +154,7 @@ class Spool:
                                                rec.compressed_offset, rec.compressed_size,
                                                rec.uncompressed_size)
         return AssembledBlobs(blobs, placements, new_blob, dict_blob_indexes, len(plan),
-                              len(from_dict))
+                              len(from_dict), created)
 
     def _copy_in_order(
         self, plan: list[tuple[bytes, _Spooled]], blob_dir: Path

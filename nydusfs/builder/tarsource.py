@@ -34,7 +34,7 @@ from typing import Any, BinaryIO
 import zstandard
 
 from nydusfs.builder.pipeline import ChunkPipeline
-from nydusfs.builder.tree import Node, new_dir
+from nydusfs.builder.tree import Node, check_xattrs, new_dir
 from nydusfs.errors import NydusfsError, SourceError
 from nydusfs.format.layout import MAX_NAME_LEN, MAX_SYMLINK_LEN
 
@@ -42,6 +42,7 @@ __all__ = ["TarLayers", "open_layer_stream"]
 
 WHITEOUT = b".wh."
 OPAQUE = b".wh..wh..opq"
+AUFS_META = b".wh..wh."  # .wh..wh.plnk/, .wh..wh.orph/: aufs bookkeeping
 _MAX_SYMLINK_HOPS = 40
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
@@ -84,48 +85,60 @@ class _Peek:
         return self._raw.read(n)
 
 
-class _ZstdReader:
-    """Decompresses concatenated zstd frames; a frame cut short raises instead of ending quietly.
+class _LayerStream:
+    """The uncompressed tar stream as tarfile reads it, watched for the ways archives go wrong.
 
-    (``zstandard``'s ``stream_reader`` returns a short stream for truncated input.)
+    - Remembers the last bytes served, so the block where tarfile stopped can be inspected
+      (tarfile ends quietly on a corrupt or missing header mid-archive).
+    - Refuses to be read past its end over and over: tarfile "skips" a hostile member's
+      declared size by reading, and at EOF it would spin forever.
+    - ``pad_eof``: serve the zero padding and end-of-archive blocks some writers omit (Debian
+      12's umoci writes layers that stop right after the last member's data). Only used for
+      digest-verified layers, and ``real_eof`` lets the caller reject data that was cut short.
     """
 
-    def __init__(self, raw: _Peek) -> None:
+    _TAIL = 64 * 1024
+    _EOF_PAD = 3 * tarfile.BLOCKSIZE
+    _MAX_EOF_READS = 64
+
+    def __init__(self, raw: Any, pad_eof: bool) -> None:
         self._raw = raw
-        self._dctx = zstandard.ZstdDecompressor()
-        self._obj = self._dctx.decompressobj()
-        self._started = False
-        self._buf = b""
+        self._pad_eof = pad_eof
+        self.count = 0  # bytes served, padding included
+        self.real_eof: int | None = None  # offset where the real data ended
+        self._tail = bytearray()
+        self._eof_reads = 0
 
     def read(self, n: int = -1) -> bytes:
-        want = n if n >= 0 else 1 << 62
-        while len(self._buf) < want:
-            data = self._raw.read(1 << 16)
-            if not data:
-                if self._started and not self._obj.eof:
-                    raise SourceError("zstd stream truncated")
-                break
-            while data:
-                if self._obj.eof:
-                    self._obj = self._dctx.decompressobj()
-                self._started = True
-                self._buf += self._obj.decompress(data)
-                data = self._obj.unused_data if self._obj.eof else b""
-        out, self._buf = self._buf[:want], self._buf[want:]
-        return out
-
-
-class _Counting:
-    """Counts the bytes of the uncompressed tar stream, to detect a missing end-of-archive."""
-
-    def __init__(self, raw: Any) -> None:
-        self._raw = raw
-        self.count = 0
-
-    def read(self, n: int = -1) -> bytes:
-        data: bytes = self._raw.read(n)
+        if n == 0:
+            return b""
+        data: bytes = b"" if self.real_eof is not None else self._raw.read(n)
+        if not data:
+            if self.real_eof is None:
+                self.real_eof = self.count
+            pad = self.real_eof + self._EOF_PAD - self.count if self._pad_eof else 0
+            if pad > 0:
+                data = bytes(pad if n < 0 else min(n, pad))
+            else:
+                self._eof_reads += 1
+                if self._eof_reads > self._MAX_EOF_READS:
+                    raise SourceError("layer ends inside an entry (declared size too large)")
+                return b""
         self.count += len(data)
+        self._tail += data
+        if len(self._tail) > 2 * self._TAIL:
+            del self._tail[: len(self._tail) - self._TAIL]
         return data
+
+    def block(self, offset: int, size: int = tarfile.BLOCKSIZE) -> bytes | None:
+        """Bytes [offset, offset+size) if served recently (reading on if needed), else None."""
+        while self.count < offset + size:
+            if not self.read(offset + size - self.count):
+                break
+        start = offset - (self.count - len(self._tail))
+        if start < 0 or offset + size > self.count:
+            return None
+        return bytes(self._tail[start : start + size])
 
     def drain(self) -> None:
         while self.read(1 << 20):
@@ -135,13 +148,16 @@ class _Counting:
 def open_layer_stream(raw: BinaryIO) -> Any:
     """Wrap a layer stream in the right decompressor, sniffed from its first bytes.
 
-    Every decompressor used here fails loudly on a truncated stream (gzip, bz2 and xz raise
-    ``EOFError``; zstd is handled by ``_ZstdReader``), and gzip checks its CRC at the end.
+    Output is read in bounded pieces whatever the compression ratio. gzip, bz2 and xz raise on
+    a truncated stream and gzip checks its CRC; the zstd reader ends quietly on truncation,
+    which the tar-level end-of-archive check then catches (cut-off data never goes unnoticed).
     """
     head = raw.read(6)
     peek = _Peek(raw, head)
     if head[:4] == _ZSTD_MAGIC:
-        return _ZstdReader(peek)
+        return zstandard.ZstdDecompressor().stream_reader(
+            peek, read_across_frames=True  # type: ignore[arg-type]
+        )
     if head[:2] == b"\x1f\x8b":
         return gzip.GzipFile(fileobj=peek, mode="rb")  # type: ignore[call-overload]
     if head[:3] == b"BZh":
@@ -202,19 +218,33 @@ class TarLayers:
 
     # ---- applying a layer ---------------------------------------------------------------
 
-    def apply(self, raw: BinaryIO, label: str,
+    def apply(self, raw: BinaryIO, label: str, *, verified: bool = False,
               on_member: Callable[[tarfile.TarInfo], None] | None = None) -> None:
-        """Apply one layer. ``label`` names it in errors."""
+        """Apply one layer; ``label`` names it in errors.
+
+        ``verified``: the layer's bytes are checked against a digest by the caller (an OCI
+        layer), so a missing end-of-archive marker is tolerated as Go's tar reader does; a
+        plain tar file must end with one, or it counts as truncated.
+        """
         self.layer += 1
         try:
-            stream = _Counting(open_layer_stream(raw))
+            stream = _LayerStream(open_layer_stream(raw), pad_eof=verified)
             with tarfile.open(fileobj=stream, mode="r|",  # type: ignore[call-overload]
                               encoding="utf-8", errors="surrogateescape") as tar:
                 for member in tar:
                     self._apply_member(tar, member, label)
+                    if stream.real_eof is not None and stream.real_eof < (
+                        member.offset_data + (member.size if member.isreg() else 0)
+                    ):
+                        raise SourceError(f"{member.name!r}: layer ends inside this entry")
                     if on_member is not None:
                         on_member(member)
-                end_of_members = tar.offset
+                end = tar.offset
+            # tarfile also stops quietly at a corrupt header or at a cut, mid-archive: only a
+            # zero block where it stopped is a real end of archive.
+            if stream.block(end) != bytes(tarfile.BLOCKSIZE):
+                raise SourceError("corrupt or truncated tar layer (no end-of-archive marker "
+                                  f"at offset {end})")
             # Drain the rest: makes the decompressor check its trailer (CRC, frame end).
             stream.drain()
         except NydusfsError as exc:
@@ -222,12 +252,8 @@ class TarLayers:
                 raise SourceError(f"{label}: {exc}") from exc
             raise
         except (tarfile.TarError, EOFError, OSError, zlib.error, zstandard.ZstdError,
-                lzma.LZMAError, ValueError) as exc:
+                lzma.LZMAError, ValueError, OverflowError) as exc:
             raise SourceError(f"{label}: unreadable tar layer: {exc}") from exc
-        # tarfile ends quietly when the data stops at a header; a real archive always ends
-        # with zero blocks, so their absence means the layer was cut short.
-        if stream.count < end_of_members + tarfile.BLOCKSIZE:
-            raise SourceError(f"{label}: truncated tar layer (no end-of-archive marker)")
 
     def _apply_member(self, tar: tarfile.TarFile, m: tarfile.TarInfo, label: str) -> None:
         raw_name = _b(m.name)
@@ -237,15 +263,14 @@ class TarLayers:
             raise SourceError(f"{what}: a name component is longer than {MAX_NAME_LEN} bytes")
         base = comps[-1] if comps else b""
 
+        if any(c.startswith(AUFS_META) for c in comps[:-1]):
+            return  # inside .wh..wh.plnk/ and the like: aufs bookkeeping, not image content
         if base.startswith(WHITEOUT):
             parent = self._walk_dirs(comps[:-1], what)
             if base == OPAQUE:
-                self._make_opaque(parent)
-            elif not base.startswith(WHITEOUT + WHITEOUT):  # .wh..wh.* are aufs metadata
-                victim = parent.kids().get(base[len(WHITEOUT):])
-                # Whiteouts hide lower layers only, never an entry of their own layer.
-                if victim is not None and victim.layer < self.layer:
-                    del parent.kids()[base[len(WHITEOUT):]]
+                _prune_lower(parent, self.layer)
+            elif not base.startswith(AUFS_META):
+                self._whiteout(parent, base[len(WHITEOUT):])
             return
 
         if not comps:  # the root itself ("./")
@@ -279,6 +304,8 @@ class TarLayers:
             node = Node(stat.S_IFLNK, layer=self.layer, target=target_b)
         elif m.ischr() or m.isblk():
             node = Node(stat.S_IFCHR if m.ischr() else stat.S_IFBLK, layer=self.layer)
+            if not (0 <= m.devmajor <= 0xFFFFFFFF and 0 <= m.devminor <= 0xFFFFFFFF):
+                raise SourceError(f"{what}: device number out of range")
             node.rdev = os.makedev(m.devmajor, m.devminor)
         elif m.isfifo():
             node = Node(stat.S_IFIFO, layer=self.layer)
@@ -301,12 +328,21 @@ class TarLayers:
         perms = 0o777 if stat.S_ISLNK(node.mode) else m.mode & 0o7777
         node.mode = stat.S_IFMT(node.mode) | perms
         node.uid, node.gid = m.uid, m.gid
-        node.mtime_ns = _mtime_ns(m)
-        node.xattrs = _pax_xattrs(m.pax_headers)
+        node.mtime_ns = _mtime_ns(m, what)
+        node.xattrs = check_xattrs(_pax_xattrs(m.pax_headers), what)
 
-    def _make_opaque(self, d: Node) -> None:
-        """Hide everything below ``d`` that came from lower layers (this layer's entries stay)."""
-        _prune_lower(d, self.layer)
+    def _whiteout(self, parent: Node, name: bytes) -> None:
+        """Hide ``name`` as lower layers made it; what this layer put there stays (OCI spec:
+        whiteouts apply to lower layers only, whatever the order within the layer)."""
+        victim = parent.kids().get(name)
+        if victim is None:
+            return
+        if victim.is_dir():
+            keep = _prune_lower(victim, self.layer) or victim.layer == self.layer
+        else:
+            keep = victim.layer == self.layer
+        if not keep:
+            del parent.kids()[name]
 
 
 def _prune_lower(d: Node, layer: int) -> bool:
@@ -326,14 +362,18 @@ def _prune_lower(d: Node, layer: int) -> bool:
     return keep
 
 
-def _mtime_ns(m: tarfile.TarInfo) -> int:
+_MTIME_LIMIT = 1 << 63  # seconds must fit the format's i64
+
+
+def _mtime_ns(m: tarfile.TarInfo, what: str) -> int:
     text = m.pax_headers.get("mtime")
-    if text is not None:
-        try:
-            return int(Decimal(text) * 1_000_000_000)
-        except InvalidOperation:
-            pass
-    return int(m.mtime) * 1_000_000_000
+    try:
+        seconds = Decimal(text) if text is not None else Decimal(m.mtime)
+        if not seconds.is_finite() or not -_MTIME_LIMIT <= seconds < _MTIME_LIMIT:
+            raise SourceError(f"{what}: mtime {text or m.mtime} out of range")
+        return int(seconds * 1_000_000_000)
+    except (InvalidOperation, ValueError, TypeError) as exc:
+        raise SourceError(f"{what}: invalid mtime {text!r}") from exc
 
 
 def _pax_xattrs(pax: Mapping[str, Any]) -> dict[bytes, bytes]:

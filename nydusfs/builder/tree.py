@@ -15,7 +15,10 @@ from __future__ import annotations
 import stat
 from collections.abc import Iterator
 
-__all__ = ["Node", "inode_order", "layout_order", "new_dir"]
+from nydusfs.errors import SourceError
+from nydusfs.format import layout as L
+
+__all__ = ["Node", "check_xattrs", "inode_order", "layout_order", "new_dir"]
 
 
 class Node:
@@ -69,6 +72,20 @@ class Node:
 def new_dir(mode: int = 0o755, layer: int = 0) -> Node:
     """A directory created implicitly (a tar names ``a/b/c`` without ``a/``): root-owned, 0755."""
     return Node(stat.S_IFDIR | (mode & 0o7777), layer=layer)
+
+
+def check_xattrs(xattrs: dict[bytes, bytes], what: str) -> dict[bytes, bytes]:
+    """Reject, naming the path, xattrs the format cannot hold (Linux could not either)."""
+    total = 0
+    for name, value in xattrs.items():
+        if not 0 < len(name) <= L.MAX_XATTR_NAME_LEN or b"\x00" in name:
+            raise SourceError(f"{what}: invalid xattr name {name[:40]!r}")
+        if len(value) > L.MAX_XATTR_VALUE_LEN:
+            raise SourceError(f"{what}: xattr {name!r} value longer than 64 KiB")
+        total += len(name) + len(value)
+    if total > L.MAX_XATTR_TOTAL:
+        raise SourceError(f"{what}: xattrs exceed {L.MAX_XATTR_TOTAL} bytes in all")
+    return xattrs
 
 
 def _sorted_items(d: Node) -> list[tuple[bytes, Node]]:

@@ -23,7 +23,8 @@ Header (256 bytes)::
      36     4  reserved         zero
      40   128  tables           8 x (offset u64, count u64), in TABLES order below
     168    32  root_digest      Merkle digest of the root directory
-    200    32  body_digest      blake3 of every byte after the header (checked by `check`)
+    200    32  checksum         blake3 of the whole bootstrap with these 32 bytes zeroed
+                                (checked by `check`: covers the header and every table)
     232    24  reserved         zero
 
 Tables (record sizes in bytes)::
@@ -77,8 +78,11 @@ from __future__ import annotations
 import struct
 from typing import Final
 
+import blake3
+
 __all__ = [
     "BLOB",
+    "CHECKSUM_OFFSET",
     "CHUNK",
     "CHUNKREF",
     "CHUNK_FLAG_ZSTD",
@@ -105,6 +109,7 @@ __all__ = [
     "TABLES",
     "VERSION",
     "XATTR",
+    "bootstrap_checksum",
 ]
 
 MAGIC: Final = b"DFNYDUS\x00"
@@ -131,7 +136,7 @@ MAX_XATTR_VALUE_LEN: Final = 65536
 MAX_XATTR_TOTAL: Final = 256 * 1024
 
 # Header: magic, version, header_size, flags, chunk_size, digest_algo, compression, reserved16,
-# root_ino, reserved32, 16 x u64 table descriptors, root_digest, body_digest, reserved.
+# root_ino, reserved32, 16 x u64 table descriptors, root_digest, checksum, reserved.
 HEADER: Final = struct.Struct("<8sIIQIBBHII16Q32s32s24s")
 INODE: Final = struct.Struct("<IIIIQqIIQQIIQQ32s")
 DIRENT: Final = struct.Struct("<QHHI")
@@ -154,6 +159,17 @@ RECORD_SIZES: Final = {
     "prefetch": PREFETCH.size,
     "strings": 1,
 }
+
+CHECKSUM_OFFSET: Final = 200
+
+
+def bootstrap_checksum(data: bytes | bytearray | memoryview) -> bytes:
+    """The header checksum of ``data``: blake3 with the checksum field itself zeroed."""
+    h = blake3.blake3(memoryview(data)[:CHECKSUM_OFFSET])
+    h.update(bytes(DIGEST_SIZE))
+    h.update(memoryview(data)[CHECKSUM_OFFSET + DIGEST_SIZE :])
+    return h.digest()
+
 
 assert HEADER.size == HEADER_SIZE
 assert INODE.size == 112 and DIRENT.size == 16 and CHUNKREF.size == 16

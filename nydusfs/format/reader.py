@@ -21,8 +21,6 @@ from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
 
-import blake3
-
 from nydusfs.errors import FormatError, IntegrityError
 from nydusfs.format import layout as L
 from nydusfs.format.merkle import node_digest
@@ -103,7 +101,7 @@ class Bootstrap:
         (magic, version, header_size, flags, chunk_size, digest_algo, compression, _r16,
          root_ino, _r32) = f[:10]
         desc = f[10:26]
-        root_digest, body_digest = f[26], f[27]
+        root_digest, checksum, reserved = f[26], f[27], f[28]
         if magic != L.MAGIC:
             raise self._fail("not a dfnydus bootstrap (bad magic)")
         if version != L.VERSION:
@@ -118,6 +116,8 @@ class Bootstrap:
             raise self._fail(f"unknown compression {compression}")
         if root_ino != L.ROOT_INO:
             raise self._fail(f"bad root inode {root_ino}")
+        if _r16 or _r32 or any(reserved):
+            raise self._fail("reserved header fields are not zero")
         pow2 = chunk_size & (chunk_size - 1) == 0
         if not (L.MIN_CHUNK_SIZE <= chunk_size <= L.MAX_CHUNK_SIZE and pow2):
             raise self._fail(f"bad chunk size {chunk_size}")
@@ -135,7 +135,7 @@ class Bootstrap:
         if tables["inodes"][1] > 0xFFFFFFFF:
             raise self._fail("too many inodes")
         return Header(version, flags, chunk_size, digest_algo, compression, root_ino, tables,
-                      root_digest, body_digest)
+                      root_digest, checksum)
 
     # ---- raw records --------------------------------------------------------------------
 
@@ -392,17 +392,13 @@ class Bootstrap:
     # ---- full validation ----------------------------------------------------------------
 
     def check(self) -> dict[str, int]:
-        """Validate everything: body digest, every record, tree shape, nlink, Merkle digests.
+        """Validate everything: checksum, every record, tree shape, nlink, Merkle digests.
 
         Raises ``FormatError`` (``IntegrityError`` for digest mismatches) on the first problem;
         returns counts on success.
         """
-        body = memoryview(self._buf)[L.HEADER_SIZE :]
-        try:
-            if blake3.blake3(body).digest() != self.header.body_digest:
-                raise IntegrityError(f"{self.name}: body digest mismatch (bootstrap corrupted)")
-        finally:
-            body.release()
+        if L.bootstrap_checksum(memoryview(self._buf)) != self.header.checksum:
+            raise IntegrityError(f"{self.name}: header checksum mismatch (bootstrap corrupted)")
         n = self._cnt["inodes"]
         inodes = [self.inode(i) for i in range(1, n + 1)]
         self._check_disjoint_runs(inodes)

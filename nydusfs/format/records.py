@@ -35,7 +35,7 @@ class Header:
     root_ino: int
     tables: dict[str, tuple[int, int]]
     root_digest: bytes
-    body_digest: bytes
+    checksum: bytes
 
     @property
     def cdc(self) -> bool:

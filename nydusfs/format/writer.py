@@ -17,8 +17,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-import blake3
-
 from nydusfs.errors import BuildError
 from nydusfs.format import layout as L
 from nydusfs.format.merkle import node_digest
@@ -225,13 +223,14 @@ def write_bootstrap(
         descriptors += [L.HEADER_SIZE + len(body), count]
         body += data
     body += b"\x00" * (-len(body) % 8)
-    header = L.HEADER.pack(
+    data = bytearray(L.HEADER.pack(
         L.MAGIC, L.VERSION, L.HEADER_SIZE, L.FLAG_CDC if params.cdc else 0, params.chunk_size,
         L.DIGEST_BLAKE3, params.compression, 0, L.ROOT_INO, 0, *descriptors,
-        digests[L.ROOT_INO], blake3.blake3(body).digest(), b"",
-    )
-    out.write(header)
-    out.write(body)
+        digests[L.ROOT_INO], b"", b"",
+    ))
+    data += body
+    data[L.CHECKSUM_OFFSET : L.CHECKSUM_OFFSET + L.DIGEST_SIZE] = L.bootstrap_checksum(data)
+    out.write(data)
     return digests[L.ROOT_INO]
 
 

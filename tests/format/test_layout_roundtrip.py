@@ -34,10 +34,10 @@ D = stat.S_IFDIR
 R = stat.S_IFREG
 
 
-def fix_body_digest(data: bytes | bytearray) -> bytes:
-    """Recompute the header's body digest (offset 200) after tampering with the body."""
+def fix_checksum(data: bytes | bytearray) -> bytes:
+    """Recompute the header checksum (offset 200) after tampering."""
     out = bytearray(data)
-    out[200:232] = blake3.blake3(bytes(out[L.HEADER_SIZE :])).digest()
+    out[200:232] = L.bootstrap_checksum(out)
     return bytes(out)
 
 
@@ -964,7 +964,7 @@ def test_body_tampering_is_an_integrity_error() -> None:
             tampered = Bootstrap.from_bytes(bytes(bad))
         except FormatError:  # pragma: no cover - the body is not read at open
             pytest.fail("opening should only read the header")
-        with pytest.raises(IntegrityError, match="body digest"):
+        with pytest.raises(IntegrityError, match="header checksum"):
             tampered.check()
 
 
@@ -978,7 +978,7 @@ def test_stored_digest_tampering_fails_the_merkle_check() -> None:
     for ino in range(1, b.inode_count + 1):
         bad = bytearray(built.data)
         bad[_inode_field_offset(b, ino, 80 + ino % 32)] ^= 0x01  # the digest field
-        tampered = Bootstrap.from_bytes(fix_body_digest(bad))
+        tampered = Bootstrap.from_bytes(fix_checksum(bad))
         with pytest.raises(IntegrityError, match="Merkle"):
             tampered.check()
 
@@ -1000,7 +1000,7 @@ def test_attribute_tampering_fails_the_merkle_check(
     if old == value:
         value += 1
     struct.pack_into(fmt, bad, pos, value)
-    tampered = Bootstrap.from_bytes(fix_body_digest(bad))
+    tampered = Bootstrap.from_bytes(fix_checksum(bad))
     if what in ("nlink", "size of a regular file"):
         # Recounted from the dirents / chunk list before the Merkle pass: a structural error.
         with pytest.raises(FormatError):
@@ -1032,7 +1032,7 @@ def test_content_tampering_fails_the_merkle_check() -> None:
         bad = bytearray(built.data)
         bad[pos] ^= 0x01
         try:
-            Bootstrap.from_bytes(fix_body_digest(bad)).check()
+            Bootstrap.from_bytes(fix_checksum(bad)).check()
         except IntegrityError as exc:
             assert "Merkle" in str(exc), what
         else:
@@ -1050,7 +1050,7 @@ def test_name_tampering_fails_the_merkle_check() -> None:
     bad = bytearray(built.data)
     pos = built.data.index(b"zzzz", strings_off)
     bad[pos + 3] = ord("y")  # "zzzy" still sorts after "aaaa"
-    tampered = Bootstrap.from_bytes(fix_body_digest(bad))
+    tampered = Bootstrap.from_bytes(fix_checksum(bad))
     assert tampered.lookup(1, b"zzzy") is not None
     with pytest.raises(IntegrityError, match="Merkle"):
         tampered.check()
@@ -1059,10 +1059,11 @@ def test_name_tampering_fails_the_merkle_check() -> None:
 def test_header_root_digest_tampering() -> None:
     built = sample_tree().write()
     bad = bytearray(built.data)
-    bad[168] ^= 0x01  # root_digest is in the header, outside the body digest
-    tampered = Bootstrap.from_bytes(bytes(bad))
+    bad[168] ^= 0x01  # root_digest: covered by the checksum, and by the Merkle check
+    with pytest.raises(IntegrityError, match="checksum"):
+        Bootstrap.from_bytes(bytes(bad)).check()
     with pytest.raises(IntegrityError, match="root digest"):
-        tampered.check()
+        Bootstrap.from_bytes(fix_checksum(bad)).check()
 
 
 def test_structural_tampering_with_fixed_body_is_a_format_error() -> None:
@@ -1075,7 +1076,7 @@ def test_structural_tampering_with_fixed_body_is_a_format_error() -> None:
     first, second = table_offset(b, "dirents", 0), table_offset(b, "dirents", 1)
     bad[first:first + 16], bad[second:second + 16] = bad[second:second + 16], bad[first:first + 16]
     with pytest.raises(FormatError, match="not sorted"):
-        Bootstrap.from_bytes(fix_body_digest(bad)).check()
+        Bootstrap.from_bytes(fix_checksum(bad)).check()
 
 
 # ---- the full filesystem tree, through the writer -----------------------------------------
