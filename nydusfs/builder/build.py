@@ -191,6 +191,8 @@ def build(sources: Sequence[str], out: Path, options: BuildOptions) -> BuildResu
     progress: _Progress | None = None
     try:
         kind = _classify(sources)
+        if kind == "dir" and os.path.samefile(sources[0], out):
+            raise BuildError("the output directory must not be the source directory")
         progress = _Progress(options.progress, "build")
         pipeline = ChunkPipeline(spool, chunker, level, options.workers, progress.update,
                                  options.chunk_size)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import bz2
 import gzip
 import lzma
-import os
 import stat
 import tarfile
 import zlib
@@ -306,7 +305,7 @@ class TarLayers:
             node = Node(stat.S_IFCHR if m.ischr() else stat.S_IFBLK, layer=self.layer)
             if not (0 <= m.devmajor <= 0xFFFFFFFF and 0 <= m.devminor <= 0xFFFFFFFF):
                 raise SourceError(f"{what}: device number out of range")
-            node.rdev = os.makedev(m.devmajor, m.devminor)
+            node.rdev = _makedev(m.devmajor, m.devminor)
         elif m.isfifo():
             node = Node(stat.S_IFIFO, layer=self.layer)
         else:
@@ -338,15 +337,29 @@ class TarLayers:
         if victim is None:
             return
         if victim.is_dir():
-            keep = _prune_lower(victim, self.layer) or victim.layer == self.layer
+            has_current = _prune_lower(victim, self.layer)
+            keep = has_current or victim.layer == self.layer
         else:
             keep = victim.layer == self.layer
         if not keep:
             del parent.kids()[name]
+        elif victim.layer < self.layer:
+            _as_implicit_dir(victim, self.layer)
+
+
+def _makedev(major: int, minor: int) -> int:
+    """glibc's ``makedev`` for 32-bit major and minor (``os.makedev`` stops at 2**31)."""
+    return (((major & 0xFFFFF000) << 32) | ((major & 0xFFF) << 8)
+            | ((minor & 0xFFFFFF00) << 12) | (minor & 0xFF))
 
 
 def _prune_lower(d: Node, layer: int) -> bool:
-    """Remove lower-layer entries under ``d``; True if anything of ``layer`` remains below."""
+    """Remove lower-layer entries under ``d``; True if anything of ``layer`` remains below.
+
+    A lower directory kept only because this layer put something inside it is, after the
+    hiding, a directory this layer created implicitly: it gets an implicit directory's
+    attributes, exactly as if the layer's entries had come after the whiteout.
+    """
     keep = False
     for name, child in list(d.kids().items()):
         if child.is_dir():
@@ -354,6 +367,8 @@ def _prune_lower(d: Node, layer: int) -> bool:
             if child.layer < layer and not has_current:
                 del d.kids()[name]
             else:
+                if child.layer < layer:
+                    _as_implicit_dir(child, layer)
                 keep = True
         elif child.layer < layer:
             del d.kids()[name]
@@ -363,6 +378,13 @@ def _prune_lower(d: Node, layer: int) -> bool:
 
 
 _MTIME_LIMIT = 1 << 63  # seconds must fit the format's i64
+
+
+def _as_implicit_dir(node: Node, layer: int) -> None:
+    fresh = new_dir(layer=layer)
+    node.mode, node.uid, node.gid, node.mtime_ns = fresh.mode, fresh.uid, fresh.gid, 0
+    node.xattrs = {}
+    node.layer = layer
 
 
 def _mtime_ns(m: tarfile.TarInfo, what: str) -> int:
