@@ -75,6 +75,7 @@ over inode numbers in reverse.
 
 from __future__ import annotations
 
+import stat
 import struct
 from typing import Final
 
@@ -91,6 +92,7 @@ __all__ = [
     "DIGEST_BLAKE3",
     "DIGEST_SIZE",
     "DIRENT",
+    "FILE_TYPES",
     "FLAG_CDC",
     "HEADER",
     "HEADER_SIZE",
@@ -123,6 +125,12 @@ DIGEST_BLAKE3: Final = 1
 COMPRESSION_NONE: Final = 0
 COMPRESSION_ZSTD: Final = 1
 CHUNK_FLAG_ZSTD: Final = 1 << 0
+
+# Every inode type a container rootfs has; any other S_IFMT value is malformed input.
+FILE_TYPES: Final = frozenset(
+    {stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO,
+     stat.S_IFSOCK}
+)
 
 MIN_CHUNK_SIZE: Final = 64 * 1024
 MAX_CHUNK_SIZE: Final = 16 * 1024 * 1024

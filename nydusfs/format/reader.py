@@ -36,11 +36,6 @@ from nydusfs.format.records import (
 
 __all__ = ["Bootstrap"]
 
-_KNOWN_TYPES = frozenset(
-    {stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO,
-     stat.S_IFSOCK}
-)
-
 
 class Bootstrap:
     """A validated view over bootstrap bytes (usually an mmap of the file)."""
@@ -165,7 +160,7 @@ class Bootstrap:
             "inodes", L.INODE, ino - 1)
         where = f"inode {ino}"
         ftype = stat.S_IFMT(mode)
-        if ftype not in _KNOWN_TYPES or mode & ~0o177777:
+        if ftype not in L.FILE_TYPES or mode & ~0o177777:
             raise self._fail(f"{where}: bad mode {mode:#o}")
         if ino == L.ROOT_INO and ftype != stat.S_IFDIR:
             raise self._fail("root inode is not a directory")

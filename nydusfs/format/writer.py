@@ -234,10 +234,6 @@ def write_bootstrap(
     return digests[L.ROOT_INO]
 
 
-_KNOWN_TYPES = frozenset(
-    {stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO,
-     stat.S_IFSOCK}
-)
 _U64 = 1 << 64
 
 
@@ -277,7 +273,7 @@ def _validate(
 
     named_by: list[list[int]] = [[] for _ in range(n + 1)]
     for i, spec in enumerate(inodes, start=1):
-        if not 0 <= spec.mode <= 0o177777 or stat.S_IFMT(spec.mode) not in _KNOWN_TYPES:
+        if not 0 <= spec.mode <= 0o177777 or stat.S_IFMT(spec.mode) not in L.FILE_TYPES:
             raise BuildError(f"inode {i}: bad mode {spec.mode:#o}")
         fmt = stat.S_IFMT(spec.mode)
         _check_u32(i, uid=spec.uid, gid=spec.gid)
