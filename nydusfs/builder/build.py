@@ -222,13 +222,14 @@ def build(sources: Sequence[str], out: Path, options: BuildOptions) -> BuildResu
                             L.COMPRESSION_ZSTD if level else L.COMPRESSION_NONE),
         )
         data = buf.getvalue()
+        blobs_info = _link_dict_blobs(assembled.blobs, len(assembled.dict_blob_indexes),
+                                      options.chunk_dict, blob_dir, warnings)
+        # The bootstrap goes last: once it is in place, everything it references is too.
         with open(tmp_boot, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_boot, out / "bootstrap")
-        blobs_info = _link_dict_blobs(assembled.blobs, len(assembled.dict_blob_indexes),
-                                      options.chunk_dict, blob_dir, warnings)
     except BaseException:
         for p in (spool.path, tmp_boot):
             p.unlink(missing_ok=True)
