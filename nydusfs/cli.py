@@ -1,4 +1,4 @@
-"""The ``nydusfs`` command line: build, inspect, check.
+"""The ``nydusfs`` command line: build, inspect, check, mount, umount.
 
 A thin edge: parse arguments, call the library, print. Every deliberate error is a
 ``NydusfsError`` and becomes one line on stderr and exit status 1 (usage errors: 2), never a
@@ -59,6 +59,18 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("bootstrap", type=Path)
     i.add_argument("path", nargs="?", help="show this path's inode")
     i.add_argument("--json", action="store_true")
+
+    m = sub.add_parser("mount", help="mount an image lazily (read-only FUSE)")
+    m.add_argument("bootstrap", type=Path)
+    m.add_argument("mountpoint", type=Path)
+    m.add_argument("--config", type=Path,
+                   help="mount configuration (YAML); see docs/configuration.md")
+    m.add_argument("--background", action="store_true",
+                   help="return once the mount is ready, leaving a daemon serving it")
+    m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)  # used by --background
+
+    u = sub.add_parser("umount", help="unmount a nydusfs mount (the daemon then exits)")
+    u.add_argument("mountpoint", type=Path)
 
     c = sub.add_parser("check", help="verify a bootstrap (and its blobs)")
     c.add_argument("bootstrap", type=Path)
@@ -175,14 +187,33 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_mount(args: argparse.Namespace) -> int:
+    from nydusfs.mount import mount_background, mount_foreground
+
+    if args.background:
+        return mount_background(args.bootstrap, args.mountpoint, args.config)
+    return mount_foreground(args.bootstrap, args.mountpoint, args.config, args.ready_fd)
+
+
+def _cmd_umount(args: argparse.Namespace) -> int:
+    from nydusfs.mount import unmount
+
+    unmount(args.mountpoint)
+    return 0
+
+
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    handler = {"build": _cmd_build, "inspect": _cmd_inspect, "check": _cmd_check}[args.command]
+    if args.command != "mount":  # the mount daemon handles SIGTERM itself: unmount, exit 0
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    handler = {
+        "build": _cmd_build, "inspect": _cmd_inspect, "check": _cmd_check, "mount": _cmd_mount,
+        "umount": _cmd_umount,
+    }[args.command]
     try:
         return handler(args)
     except NydusfsError as exc:

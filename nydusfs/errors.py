@@ -9,7 +9,10 @@ line and exit non-zero instead of a traceback. Foreign exceptions (``OSError`` f
     │   └── IntegrityError   bytes do not match their digest (chunk, blob, Merkle node)
     ├── SourceError          a build input is unusable (bad tar, bad OCI layout, missing path)
     ├── BuildError           the build itself cannot proceed (bad option, name too long, ...)
-    └── ConfigError          a configuration value is invalid; the message names the field
+    ├── ConfigError          a configuration value is invalid; the message names the field
+    └── StorageError         a backend could not deliver blob bytes
+        ├── NotFoundError    the blob (or range) does not exist there: retrying will not help
+        └── UnavailableError transient: timeout, connection refused, 5xx; retry with backoff
 
 Later layers (storage backends, the OCI client) keep *not found*, *unavailable (retry)* and
 *integrity* apart by subclassing here; ``IntegrityError`` is already separate so a reader can tell
@@ -23,8 +26,11 @@ __all__ = [
     "ConfigError",
     "FormatError",
     "IntegrityError",
+    "NotFoundError",
     "NydusfsError",
     "SourceError",
+    "StorageError",
+    "UnavailableError",
 ]
 
 
@@ -50,3 +56,15 @@ class BuildError(NydusfsError):
 
 class ConfigError(NydusfsError):
     """A configuration value is invalid; the message starts with the field's dotted path."""
+
+
+class StorageError(NydusfsError):
+    """A storage backend could not deliver the requested blob bytes."""
+
+
+class NotFoundError(StorageError):
+    """The blob (or the requested range of it) does not exist in that backend. Final."""
+
+
+class UnavailableError(StorageError):
+    """A transient failure (timeout, refused connection, 5xx, EIO): worth retrying later."""

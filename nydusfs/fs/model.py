@@ -1,0 +1,336 @@
+"""The read-only filesystem model: what a mounted image answers, with no FUSE in sight.
+
+``ImageFS`` turns a ``Bootstrap`` and a storage ``Backend`` into filesystem operations
+(lookup, getattr, readdir, readlink, xattrs, read, statfs). The pyfuse3 adapter in ``fuse.py``
+only translates calls and errors; everything testable lives here.
+
+The read path: (inode, offset, size) → the chunk records covering it → decoded chunks from a
+bounded in-memory LRU, or fetched from the backend. Concurrent readers of one chunk share one
+fetch (single flight). Chunks needed by one read that lie close together in the same blob are
+fetched with one ranged read (``merge_window``). Every fetched payload is verified by
+``format.chunk.decode`` before anything is returned; a chunk that stays bad after a refetch, or
+cannot be fetched, fails that read with ``FsError(EIO)`` — never wrong bytes.
+
+Errors leave this module as ``FsError(errno)`` only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from nydusfs.errors import FormatError, IntegrityError, StorageError
+from nydusfs.format.chunk import decode
+from nydusfs.format.reader import Bootstrap
+from nydusfs.format.records import ChunkRecord, Inode
+from nydusfs.storage.base import Backend, RangeRequest
+
+__all__ = ["Attr", "FsError", "FsStats", "ImageFS"]
+
+BLOCK = 512
+
+
+class FsError(Exception):
+    """A filesystem error with its errno; the only exception ``ImageFS`` raises."""
+
+    def __init__(self, errno_: int, msg: str = "") -> None:
+        super().__init__(msg or errno.errorcode.get(errno_, str(errno_)))
+        self.errno = errno_
+
+
+@dataclass(frozen=True, slots=True)
+class Attr:
+    """What stat(2) reports. atime and ctime equal mtime: the image records only mtime."""
+
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    size: int
+    rdev: int
+    mtime_ns: int
+    blocks: int
+
+    @classmethod
+    def of(cls, node: Inode) -> Attr:
+        size = node.size
+        return cls(node.ino, node.mode, node.nlink, node.uid, node.gid, size, node.rdev,
+                   node.mtime_ns, (size + BLOCK - 1) // BLOCK if node.is_reg() else 0)
+
+
+@dataclass(slots=True)
+class FsStats:
+    """Counters for ``nydusfs stat`` and metrics (issue 3's Prometheus export builds on these)."""
+
+    reads: int = 0
+    bytes_read: int = 0
+    chunk_hits: int = 0
+    chunk_misses: int = 0
+    chunks_fetched: int = 0
+    bytes_fetched: int = 0
+    backend_requests: int = 0
+    verification_failures: int = 0
+    read_errors: int = 0
+    fetched_by_blob: dict[int, int] = field(default_factory=dict)
+
+
+class _ChunkLRU:
+    """Decoded chunks by digest, bounded in bytes."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.size = 0
+        self._items: OrderedDict[bytes, bytes] = OrderedDict()
+
+    def get(self, digest: bytes) -> bytes | None:
+        data = self._items.get(digest)
+        if data is not None:
+            self._items.move_to_end(digest)
+        return data
+
+    def put(self, digest: bytes, data: bytes) -> None:
+        if digest in self._items or len(data) > self.capacity:
+            return
+        self._items[digest] = data
+        self.size += len(data)
+        while self.size > self.capacity:
+            _, old = self._items.popitem(last=False)
+            self.size -= len(old)
+
+
+class ImageFS:
+    """Filesystem operations over one image. Not thread safe: one event loop drives it."""
+
+    def __init__(
+        self,
+        boot: Bootstrap,
+        backend: Backend,
+        *,
+        cache_bytes: int = 64 << 20,
+        merge_window: int = 128 << 10,
+        refetch_on_corruption: int = 1,
+    ) -> None:
+        self.boot = boot
+        self.backend = backend
+        self.stats = FsStats()
+        self._lru = _ChunkLRU(cache_bytes)
+        self._merge_window = merge_window
+        self._refetch = refetch_on_corruption
+        self._inflight: dict[bytes, asyncio.Future[bytes]] = {}
+
+    # ---- metadata ---------------------------------------------------------------------
+
+    def _inode(self, ino: int) -> Inode:
+        try:
+            return self.boot.inode(ino)
+        except FormatError as exc:
+            raise FsError(errno.EIO if 1 <= ino <= self.boot.inode_count else errno.ENOENT,
+                          str(exc)) from exc
+
+    def getattr(self, ino: int) -> Attr:
+        return Attr.of(self._inode(ino))
+
+    def lookup(self, parent: int, name: bytes) -> Attr:
+        node = self._inode(parent)
+        if not node.is_dir():
+            raise FsError(errno.ENOTDIR)
+        try:
+            if name == b".":
+                return Attr.of(node)
+            if name == b"..":
+                return Attr.of(self._inode(node.parent))
+            entry = self.boot.lookup(node, name)
+        except FormatError as exc:
+            raise FsError(errno.EIO, str(exc)) from exc
+        if entry is None:
+            raise FsError(errno.ENOENT)
+        return Attr.of(self._inode(entry.ino))
+
+    def readdir(self, ino: int, start: int = 0) -> Iterator[tuple[bytes, Attr, int]]:
+        """(name, attributes, offset of the next entry) from position ``start``.
+
+        Offsets are positions in the sorted entry list: stable for an immutable image.
+        """
+        node = self._inode(ino)
+        if not node.is_dir():
+            raise FsError(errno.ENOTDIR)
+        try:
+            for i, entry in enumerate(self.boot.readdir(node, start), start=max(start, 0)):
+                yield entry.name, Attr.of(self._inode(entry.ino)), i + 1
+        except FormatError as exc:
+            raise FsError(errno.EIO, str(exc)) from exc
+
+    def readlink(self, ino: int) -> bytes:
+        node = self._inode(ino)
+        if not node.is_symlink():
+            raise FsError(errno.EINVAL)
+        try:
+            return self.boot.readlink(node)
+        except FormatError as exc:
+            raise FsError(errno.EIO, str(exc)) from exc
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        try:
+            return [x.name for x in self.boot.xattrs(self._inode(ino))]
+        except FormatError as exc:
+            raise FsError(errno.EIO, str(exc)) from exc
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        try:
+            value = self.boot.getxattr(self._inode(ino), name)
+        except FormatError as exc:
+            raise FsError(errno.EIO, str(exc)) from exc
+        if value is None:
+            raise FsError(errno.ENODATA)
+        return value
+
+    def check_open(self, ino: int, write: bool) -> Attr:
+        node = self._inode(ino)
+        if write:
+            raise FsError(errno.EROFS)
+        if node.is_dir():
+            raise FsError(errno.EISDIR)
+        return Attr.of(node)
+
+    def statfs(self) -> dict[str, int]:
+        h = self.boot.header
+        total = sum(b.size for b in self.boot.blobs())
+        return {
+            "bsize": 4096, "frsize": 4096, "blocks": (total + 4095) // 4096, "bfree": 0,
+            "bavail": 0, "files": self.boot.inode_count, "ffree": 0, "favail": 0,
+            "namemax": 255, "chunk_size": h.chunk_size,
+        }
+
+    # ---- data ---------------------------------------------------------------------------
+
+    async def read(self, ino: int, offset: int, size: int) -> bytes:
+        """Bytes [offset, offset+size) of a regular file (short at EOF); EIO on any failure."""
+        node = self._inode(ino)
+        if not node.is_reg():
+            raise FsError(errno.EISDIR if node.is_dir() else errno.EINVAL)
+        if offset < 0 or size < 0:
+            raise FsError(errno.EINVAL)
+        self.stats.reads += 1
+        try:
+            refs = self.boot.chunks_for_range(node, offset, size)
+        except FormatError as exc:
+            raise FsError(errno.EIO, str(exc)) from exc
+        if not refs:
+            return b""
+        try:
+            datas = await self.chunks([r.chunk for r in refs])
+        except FsError:
+            self.stats.read_errors += 1
+            raise
+        end = min(offset + size, node.size)
+        out = bytearray()
+        for ref, data in zip(refs, datas, strict=True):
+            lo = max(offset - ref.file_offset, 0)
+            hi = min(end - ref.file_offset, len(data))
+            out += data[lo:hi]
+        self.stats.bytes_read += len(out)
+        return bytes(out)
+
+    async def chunks(self, records: Sequence[ChunkRecord]) -> list[bytes]:
+        """Decoded, verified chunks, in order: from the LRU, a fetch in flight, or the backend."""
+        result: dict[bytes, bytes] = {}
+        waits: dict[bytes, asyncio.Future[bytes]] = {}
+        mine: dict[bytes, ChunkRecord] = {}
+        for rec in records:
+            d = rec.digest
+            if d in result or d in waits or d in mine:
+                continue
+            cached = self._lru.get(d)
+            if cached is not None:
+                self.stats.chunk_hits += 1
+                result[d] = cached
+            elif d in self._inflight:
+                self.stats.chunk_hits += 1
+                waits[d] = self._inflight[d]
+            else:
+                self.stats.chunk_misses += 1
+                mine[d] = rec
+        if mine:
+            loop = asyncio.get_running_loop()
+            futs = {d: loop.create_future() for d in mine}
+            self._inflight.update(futs)
+            try:
+                fetched = await self._fetch(list(mine.values()))
+                for d, data in fetched.items():
+                    self._lru.put(d, data)
+                    futs[d].set_result(data)
+                result.update(fetched)
+            except FsError as exc:
+                for f in futs.values():
+                    if not f.done():
+                        f.set_exception(exc)
+                        f.exception()  # mark retrieved: waiters may not exist
+                raise
+            finally:
+                for d in futs:
+                    self._inflight.pop(d, None)
+        for d, fut in waits.items():
+            result[d] = await asyncio.shield(fut)
+        return [result[r.digest] for r in records]
+
+    def _plan(self, records: list[ChunkRecord]) -> list[tuple[RangeRequest, list[ChunkRecord]]]:
+        """Group chunks into ranged reads: same blob, gaps no larger than the merge window."""
+        plans: list[tuple[RangeRequest, list[ChunkRecord]]] = []
+        ordered = sorted(records, key=lambda r: (r.blob_index, r.compressed_offset))
+        group: list[ChunkRecord] = []
+        for rec in ordered:
+            if group:
+                last = group[-1]
+                gap = rec.compressed_offset - (last.compressed_offset + last.compressed_size)
+                if rec.blob_index == last.blob_index and gap <= self._merge_window:
+                    group.append(rec)
+                    continue
+                plans.append(self._range(group))
+            group = [rec]
+        if group:
+            plans.append(self._range(group))
+        return plans
+
+    def _range(self, group: list[ChunkRecord]) -> tuple[RangeRequest, list[ChunkRecord]]:
+        start = group[0].compressed_offset
+        end = max(r.compressed_offset + r.compressed_size for r in group)
+        blob = self.boot.blob(group[0].blob_index).hex
+        return RangeRequest(blob, start, end - start), group
+
+    async def _fetch(self, records: list[ChunkRecord]) -> dict[bytes, bytes]:
+        out: dict[bytes, bytes] = {}
+        todo = records
+        for attempt in range(self._refetch + 1):
+            plans = self._plan(todo)
+            try:
+                payloads = await self.backend.read_many([req for req, _ in plans])
+            except StorageError as exc:
+                raise FsError(errno.EIO, str(exc)) from exc
+            self.stats.backend_requests += len(plans)
+            bad: list[ChunkRecord] = []
+            for (req, group), payload in zip(plans, payloads, strict=True):
+                self.stats.bytes_fetched += len(payload)
+                for rec in group:
+                    lo = rec.compressed_offset - req.offset
+                    piece = payload[lo : lo + rec.compressed_size]
+                    try:
+                        data = await asyncio.to_thread(
+                            decode, piece, rec.flags, rec.uncompressed_size, rec.digest)
+                    except IntegrityError:
+                        self.stats.verification_failures += 1
+                        bad.append(rec)
+                        continue
+                    self.stats.chunks_fetched += 1
+                    by_blob = self.stats.fetched_by_blob
+                    by_blob[rec.blob_index] = by_blob.get(rec.blob_index, 0) + 1
+                    out[rec.digest] = data
+            if not bad:
+                return out
+            todo = bad
+            if attempt == self._refetch:
+                raise FsError(errno.EIO, f"chunk {bad[0].hex}: failed verification")
+        return out

@@ -1,0 +1,107 @@
+"""Mount lifecycle: open the image, build the backend, serve FUSE; background daemons; umount.
+
+``mount_foreground`` serves until the mountpoint is unmounted or the process gets SIGTERM or
+SIGINT, then unmounts cleanly. ``mount_background`` starts that same command as a detached
+daemon and returns only once the daemon says the mount is ready (through an inherited pipe),
+or reports the daemon's error if it failed — a caller never sees a half-ready mountpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from nydusfs.errors import NydusfsError
+
+__all__ = ["mount_background", "mount_foreground", "unmount"]
+
+READY_TIMEOUT = 60.0
+
+
+def mount_foreground(
+    bootstrap: Path, mountpoint: Path, config_path: Path | None, ready_fd: int | None = None
+) -> int:
+    from nydusfs.config import load_config
+    from nydusfs.format.reader import Bootstrap
+    from nydusfs.fs.fuse import serve
+    from nydusfs.fs.model import ImageFS
+    from nydusfs.storage import create_backend
+
+    config = load_config(config_path)
+    if not mountpoint.is_dir():
+        raise NydusfsError(f"{mountpoint}: mountpoint is not a directory")
+    boot = Bootstrap.open(bootstrap)
+    backend = create_backend(config.backend, image_dir=bootstrap.resolve().parent)
+    fs = ImageFS(boot, backend, cache_bytes=config.read.cache_chunks,
+                 merge_window=config.read.merge_window)
+
+    def ready() -> None:
+        if ready_fd is not None:
+            os.write(ready_fd, b"1")
+            os.close(ready_fd)
+
+    try:
+        serve(fs, str(mountpoint), allow_other=config.fuse.allow_other,
+              fsname=f"nydusfs:{bootstrap.name}", entry_timeout=config.fuse.entry_timeout,
+              attr_timeout=config.fuse.attr_timeout, on_ready=ready)
+    except RuntimeError as exc:  # pyfuse3.init: mount(2) failed
+        raise NydusfsError(f"{mountpoint}: cannot mount: {exc}") from exc
+    finally:
+        boot.close()
+    return 0
+
+
+def mount_background(bootstrap: Path, mountpoint: Path, config_path: Path | None) -> int:
+    """Start a daemon serving the mount; return 0 once it is ready (its PID is printed)."""
+    r, w = os.pipe()
+    log = tempfile.NamedTemporaryFile(  # noqa: SIM115 (handed to the child, kept on success)
+        prefix="nydusfs-mount-", suffix=".log", delete=False)
+    cmd = [sys.executable, "-m", "nydusfs.cli", "mount", str(bootstrap), str(mountpoint),
+           "--ready-fd", str(w)]
+    if config_path is not None:
+        cmd += ["--config", str(config_path)]
+    try:
+        child = subprocess.Popen(cmd, pass_fds=(w,), stdin=subprocess.DEVNULL,
+                                 stdout=log, stderr=log, start_new_session=True)
+    finally:
+        os.close(w)
+        log.close()
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                child.kill()
+                raise NydusfsError(f"mount daemon not ready after {READY_TIMEOUT:.0f} s")
+            readable, _, _ = select.select([r], [], [], min(left, 0.5))
+            if readable:
+                ok = os.read(r, 1) == b"1"
+                break
+            if child.poll() is not None:
+                ok = False
+                break
+    finally:
+        os.close(r)
+    if not ok:
+        child.wait(timeout=10)
+        detail = Path(log.name).read_text(errors="replace").strip().splitlines()
+        os.unlink(log.name)
+        last = detail[-1].removeprefix("nydusfs: error: ") if detail else ""
+        raise NydusfsError(last or f"mount daemon exited with status {child.returncode}")
+    print(f"mounted {bootstrap} at {mountpoint} (daemon pid {child.pid}, log {log.name})")
+    return 0
+
+
+def unmount(mountpoint: Path) -> None:
+    """Unmount; the daemon serving it sees the unmount and exits."""
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    cmd = [tool, "-u", str(mountpoint)] if tool else ["umount", str(mountpoint)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise NydusfsError(f"{mountpoint}: cannot unmount: {proc.stderr.strip()}")

@@ -1,0 +1,82 @@
+"""The storage interface: byte ranges of blobs, from wherever the image's blobs live.
+
+Backends are chosen by name (``localfs`` now; ``registry``, ``s3`` and ``dragonfly`` in later
+issues) and all speak this one async interface, so the filesystem, the prefetcher and the P2P
+agent never care where bytes come from. Backends return raw payload bytes; they never decode or
+verify chunks — verification happens once, above them, in ``format.chunk.decode``.
+
+Contract for every implementation (the conformance suite in tests/storage checks it):
+
+- ``read(blob, offset, size)`` returns exactly ``size`` bytes of blob ``blob`` (sha256 hex)
+  starting at ``offset``, or raises:
+  - ``NotFoundError`` if the blob does not exist, or the range lies outside it (final);
+  - ``UnavailableError`` for transient failures: timeouts, refused connections, server errors,
+    local I/O errors (the retry wrapper retries these, with backoff);
+  - never a foreign exception (``OSError``, ``aiohttp.ClientError`` ...): translate at the call.
+- ``read_many(requests)`` is the batched form: results in request order, same errors. The
+  default implementation issues the reads concurrently; backends with a cheaper batched form
+  (HTTP multi-range, one S3 GET spanning neighbours) override it.
+- ``close()`` releases connections and file handles; a closed backend is not used again
+  (reading from one raises ``UnavailableError``, never returns bytes). ``close()`` is idempotent.
+
+Details every backend follows the same way, so layers above can rely on them:
+
+- A blob name that is not 64 lowercase hex digits is ``NotFoundError``: no backend may turn a
+  name into a path, key or URL before :func:`check_range` accepted it (no ``../`` tricks).
+- A negative offset or size is ``NotFoundError`` (the range lies outside every blob). A
+  zero-size read at ``offset <= blob size`` returns ``b""``; beyond the end it is not found.
+- Overlapping or repeated ranges in one ``read_many`` are fine; each gets its own bytes.
+- ``IntegrityError`` is never raised by a backend itself (they do not verify); a verifying layer
+  above raises it, and the retry wrapper never retries it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from nydusfs.errors import NotFoundError
+
+__all__ = ["Backend", "RangeRequest", "check_range"]
+
+_BLOB_NAME = re.compile(r"[0-9a-f]{64}")
+
+
+def check_range(blob: str, offset: int, size: int) -> None:
+    """Raise ``NotFoundError`` unless ``blob`` is a sha256 hex name and the range is non-negative.
+
+    Called by every backend before the name reaches a path, key or URL: blob names come from the
+    bootstrap, which is untrusted input, so validation happens where they enter storage.
+    """
+    if not (isinstance(blob, str) and _BLOB_NAME.fullmatch(blob)):
+        raise NotFoundError(f"{blob!r}: not a blob name (64 lowercase hex digits)")
+    if offset < 0 or size < 0:
+        raise NotFoundError(f"{blob}: invalid range offset={offset} size={size}")
+
+
+@dataclass(frozen=True, slots=True)
+class RangeRequest:
+    blob: str  # sha256 hex of the blob
+    offset: int
+    size: int
+
+
+class Backend(ABC):
+    """Reads byte ranges of blobs. See the module docstring for the error contract."""
+
+    name: str = "backend"
+
+    @abstractmethod
+    async def read(self, blob: str, offset: int, size: int) -> bytes:
+        """Exactly ``size`` bytes of ``blob`` from ``offset``."""
+
+    async def read_many(self, requests: Sequence[RangeRequest]) -> list[bytes]:
+        """Several ranges, results in request order."""
+        return list(await asyncio.gather(*(self.read(r.blob, r.offset, r.size)
+                                           for r in requests)))
+
+    async def close(self) -> None:  # noqa: B027 (optional hook, no-op by default)
+        """Release resources."""

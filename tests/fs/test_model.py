@@ -1,0 +1,184 @@
+"""ImageFS without FUSE: metadata, the verified read path, single flight, errors as errno."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+from nydusfs.builder import BuildOptions, build
+from nydusfs.format.reader import Bootstrap
+from nydusfs.fs.model import FsError, ImageFS
+from nydusfs.storage.base import Backend, RangeRequest
+from nydusfs.storage.memory import MemoryBackend
+
+MiB = 1 << 20
+
+
+class Recording(Backend):
+    """Records every range asked of the inner backend (the laziness tests count them)."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.requests: list[RangeRequest] = []
+
+    async def read(self, blob: str, offset: int, size: int) -> bytes:
+        self.requests.append(RangeRequest(blob, offset, size))
+        return await self.inner.read(blob, offset, size)
+
+    async def read_many(self, requests: Sequence[RangeRequest]) -> list[bytes]:
+        self.requests.extend(requests)
+        return await self.inner.read_many(requests)
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("model")
+    src = root / "src"
+    rng = random.Random(5)
+    (src / "big").mkdir(parents=True)
+    for i in range(8):  # 8 files of 3.5 MiB: 32 chunks, incompressible
+        (src / "big" / f"f{i}").write_bytes(rng.randbytes(3 * MiB + MiB // 2))
+    (src / "small").mkdir()
+    for i in range(50):
+        (src / "small" / f"s{i:02}").write_bytes(f"small file {i}\n".encode() * (i + 1))
+    os.symlink("small/s01", src / "link")
+    os.setxattr(src / "small" / "s00", "user.k", b"v")
+    build([str(src)], root / "image", BuildOptions())
+    return src, root / "image"
+
+
+def _fs(image: Path, **kw: int) -> tuple[ImageFS, Recording, MemoryBackend]:
+    blobs = {p.name: p.read_bytes() for p in (image / "blobs").iterdir()}
+    mem = MemoryBackend(blobs)
+    rec = Recording(mem)
+    return ImageFS(Bootstrap.open(image / "bootstrap"), rec, **kw), rec, mem
+
+
+def _ino(fs: ImageFS, path: str) -> int:
+    ino = 1
+    for part in path.split("/"):
+        ino = fs.lookup(ino, part.encode()).ino
+    return ino
+
+
+def test_metadata(image: tuple[Path, Path]) -> None:
+    src, img = image
+    fs, _, _ = _fs(img)
+    names = [n for n, _a, _o in fs.readdir(1)]
+    assert names == sorted(os.fsencode(n) for n in os.listdir(src))
+    # readdir offsets are stable: resuming at an offset continues the same listing
+    entries = list(fs.readdir(_ino(fs, "small")))
+    resumed = list(fs.readdir(_ino(fs, "small"), entries[10][2]))
+    assert [e[0] for e in resumed] == [e[0] for e in entries[11:]]
+    a = fs.getattr(_ino(fs, "small/s03"))
+    st = os.lstat(src / "small" / "s03")
+    assert (a.mode, a.size, a.uid, a.mtime_ns) == (st.st_mode, st.st_size, st.st_uid,
+                                                    st.st_mtime_ns)
+    assert fs.readlink(_ino(fs, "link")) == b"small/s01"
+    assert fs.getxattr(_ino(fs, "small/s00"), b"user.k") == b"v"
+    assert fs.listxattr(_ino(fs, "small/s00")) == [b"user.k"]
+    cases: list[tuple[Callable[[], object], int]] = [
+                      (lambda: fs.lookup(1, b"nope"), errno.ENOENT),
+                       (lambda: fs.getxattr(1, b"user.none"), errno.ENODATA),
+                       (lambda: fs.readlink(1), errno.EINVAL),
+                       (lambda: fs.lookup(_ino(fs, "link"), b"x"), errno.ENOTDIR),
+                       (lambda: fs.check_open(_ino(fs, "big/f0"), True), errno.EROFS),
+                       (lambda: fs.getattr(10**6), errno.ENOENT)]
+    for call, code in cases:
+        with pytest.raises(FsError) as info:
+            call()
+        assert info.value.errno == code
+
+
+def test_reads_return_the_source_bytes(image: tuple[Path, Path]) -> None:
+    src, img = image
+    fs, _, _ = _fs(img)
+    rng = random.Random(9)
+
+    async def run() -> None:
+        for i in range(8):
+            want = (src / "big" / f"f{i}").read_bytes()
+            ino = _ino(fs, f"big/f{i}")
+            assert await fs.read(ino, 0, len(want) + 100) == want
+            for _ in range(20):
+                off = rng.randrange(len(want) + 10)
+                size = rng.randrange(1, 2 * MiB)
+                assert await fs.read(ino, off, size) == want[off : off + size]
+
+    asyncio.run(run())
+
+
+def test_one_file_fetches_only_its_chunks(image: tuple[Path, Path]) -> None:
+    _src, img = image
+    fs, rec, _ = _fs(img, merge_window=0)
+    ino = _ino(fs, "big/f3")
+    asyncio.run(fs.read(ino, 0, 4 * MiB))
+    with Bootstrap.open(img / "bootstrap") as boot:
+        mine = {(r.chunk.compressed_offset, r.chunk.compressed_size)
+                for r in boot.file_chunks(boot.resolve("big/f3"))}
+    fetched = sum(r.size for r in rec.requests)
+    assert fetched == sum(size for _off, size in mine)
+    for r in rec.requests:  # every byte fetched belongs to this file's chunks
+        assert any((off <= r.offset and r.offset + r.size <= off + size) or
+                   r.offset <= off < r.offset + r.size for off, size in mine)
+
+
+def test_concurrent_readers_share_one_fetch_per_chunk(image: tuple[Path, Path]) -> None:
+    src, img = image
+    fs, rec, _ = _fs(img)
+    want = (src / "big" / "f5").read_bytes()
+    ino = _ino(fs, "big/f5")
+
+    async def run() -> list[bytes]:
+        return list(await asyncio.gather(*(fs.read(ino, (i % 4) * MiB // 2, 2 * MiB)
+                                           for i in range(32))))
+
+    results = asyncio.run(run())
+    for i, data in enumerate(results):
+        off = (i % 4) * MiB // 2
+        assert data == want[off : off + 2 * MiB]
+    assert fs.stats.chunks_fetched == 4  # 3.5 MiB: 4 chunks, each fetched once
+    assert sum(r.size for r in rec.requests) <= (img / "blobs").stat().st_size + 4 * MiB
+
+
+def test_corrupt_chunk_is_eio_and_never_wrong_bytes(image: tuple[Path, Path]) -> None:
+    src, img = image
+    fs, _, mem = _fs(img)
+    with Bootstrap.open(img / "bootstrap") as boot:
+        ref = boot.file_chunks(boot.resolve("big/f1"))[2]
+        blob = boot.blob(ref.chunk.blob_index).hex
+    data = bytearray((img / "blobs" / blob).read_bytes())
+    data[ref.chunk.compressed_offset + 7] ^= 0x01
+    mem.put(blob, bytes(data))
+    ino = _ino(fs, "big/f1")
+    want = (src / "big" / "f1").read_bytes()
+
+    async def run() -> None:
+        assert await fs.read(ino, 0, 2 * MiB) == want[: 2 * MiB]  # chunks 0-1 are fine
+        with pytest.raises(FsError) as info:
+            await fs.read(ino, 2 * MiB + 5, 100)
+        assert info.value.errno == errno.EIO
+        other = _ino(fs, "big/f2")
+        assert await fs.read(other, 0, 10**8) == (src / "big" / "f2").read_bytes()
+
+    asyncio.run(run())
+    assert fs.stats.verification_failures == 2  # the first fetch and one refetch
+
+
+def test_backend_failure_is_eio(image: tuple[Path, Path]) -> None:
+    _src, img = image
+    fs, _, _ = _fs(img)
+    fs.backend = MemoryBackend({})  # every blob missing
+
+    async def run() -> None:
+        with pytest.raises(FsError) as info:
+            await fs.read(_ino(fs, "big/f0"), 0, 10)
+        assert info.value.errno == errno.EIO
+
+    asyncio.run(run())
