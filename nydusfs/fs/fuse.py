@@ -147,7 +147,10 @@ def serve(
             loop.add_signal_handler(sig, pyfuse3.terminate)
         pyfuse3.init(adapter, mountpoint, options)
         ready()
-        await pyfuse3.main()
+        try:
+            await pyfuse3.main()
+        finally:
+            await fs.backend.close()  # only once FUSE no longer calls into it
 
     try:
         asyncio.run(main())
