@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from nydusfs.errors import FormatError, IntegrityError, StorageError
 from nydusfs.format.chunk import decode
@@ -28,7 +30,7 @@ from nydusfs.format.reader import Bootstrap
 from nydusfs.format.records import ChunkRecord, Inode
 from nydusfs.storage.base import Backend, RangeRequest
 
-__all__ = ["Attr", "FsError", "FsStats", "ImageFS"]
+__all__ = ["Attr", "ChunkStore", "FsError", "FsObserver", "FsStats", "ImageFS"]
 
 BLOCK = 512
 
@@ -75,6 +77,8 @@ class FsStats:
     backend_requests: int = 0
     verification_failures: int = 0
     read_errors: int = 0
+    readahead_errors: int = 0
+    store_hits: int = 0
     fetched_by_blob: dict[int, int] = field(default_factory=dict)
 
 
@@ -102,8 +106,39 @@ class _ChunkLRU:
             self.size -= len(old)
 
 
+class ChunkStore(Protocol):
+    """A persistent chunk cache (``storage/cache.py``): decoded chunks by digest.
+
+    ``get`` returns the chunk only if it verifies against ``digest`` (a bad cached file is
+    dropped and None returned, so the caller refetches); ``put`` is atomic. Neither raises for
+    cache trouble: a cache that cannot read or write behaves as a miss.
+    """
+
+    async def get(self, digest: bytes, size: int) -> bytes | None: ...
+
+    async def put(self, digest: bytes, data: bytes) -> None: ...
+
+
+class FsObserver(Protocol):
+    """Hooks for metrics (``nydusfs/metrics.py``); every method must be cheap and not raise."""
+
+    def read_done(self, seconds: float, nbytes: int, ok: bool) -> None: ...
+
+    def chunk_fetched(self, backend: str, compressed_bytes: int) -> None: ...
+
+    def cache_hit(self, kind: str) -> None: ...  # "memory" | "disk" | "inflight"
+
+    def cache_miss(self) -> None: ...
+
+    def verification_failure(self, where: str) -> None: ...  # "backend" | "cache"
+
+
 class ImageFS:
-    """Filesystem operations over one image. Not thread safe: one event loop drives it."""
+    """Filesystem operations over one image. Not thread safe: one event loop drives it.
+
+    On-demand reads have priority over background work: ``chunks(..., background=True)``
+    (the prefetcher) waits while any on-demand read is in progress.
+    """
 
     def __init__(
         self,
@@ -113,14 +148,24 @@ class ImageFS:
         cache_bytes: int = 64 << 20,
         merge_window: int = 128 << 10,
         refetch_on_corruption: int = 1,
+        store: ChunkStore | None = None,
+        observer: FsObserver | None = None,
+        readahead_chunks: int = 0,
     ) -> None:
         self.boot = boot
         self.backend = backend
+        self.store = store
+        self.observer = observer
         self.stats = FsStats()
         self._lru = _ChunkLRU(cache_bytes)
         self._merge_window = merge_window
         self._refetch = refetch_on_corruption
+        self._readahead = readahead_chunks
         self._inflight: dict[bytes, asyncio.Future[bytes]] = {}
+        self._foreground = 0
+        self._idle: asyncio.Event | None = None  # created on the running loop
+        self._last_end: dict[int, int] = {}  # ino -> end of the last read (sequential?)
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # ---- metadata ---------------------------------------------------------------------
 
@@ -215,6 +260,7 @@ class ImageFS:
         if offset < 0 or size < 0:
             raise FsError(errno.EINVAL)
         self.stats.reads += 1
+        t0 = time.monotonic()
         try:
             refs = self.boot.chunks_for_range(node, offset, size)
         except FormatError as exc:
@@ -225,6 +271,8 @@ class ImageFS:
             datas = await self.chunks([r.chunk for r in refs])
         except FsError:
             self.stats.read_errors += 1
+            if self.observer is not None:
+                self.observer.read_done(time.monotonic() - t0, 0, False)
             raise
         end = min(offset + size, node.size)
         out = bytearray()
@@ -233,10 +281,89 @@ class ImageFS:
             hi = min(end - ref.file_offset, len(data))
             out += data[lo:hi]
         self.stats.bytes_read += len(out)
+        if self.observer is not None:
+            self.observer.read_done(time.monotonic() - t0, len(out), True)
+        sequential = self._last_end.get(ino) == offset
+        self._last_end[ino] = end
+        if sequential and self._readahead and end < node.size:
+            self._start_readahead(node, end)
         return bytes(out)
 
-    async def chunks(self, records: Sequence[ChunkRecord]) -> list[bytes]:
-        """Decoded, verified chunks, in order: from the LRU, a fetch in flight, or the backend."""
+    def _start_readahead(self, node: Inode, end: int) -> None:
+        """A sequential reader will want the next chunks: fetch them now, in the background."""
+        try:
+            span = self._readahead * self.boot.header.chunk_size
+            refs = self.boot.chunks_for_range(node, end, span)
+        except FormatError:
+            return
+        records = [r.chunk for r in refs[: self._readahead]]
+        if not records:
+            return
+
+        async def run() -> None:
+            try:
+                await self.chunks(records, priority=True)
+            except FsError:
+                self.stats.readahead_errors += 1  # the on-demand read will report it
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _idle_event(self) -> asyncio.Event:
+        if self._idle is None:
+            self._idle = asyncio.Event()
+            self._idle.set()
+        return self._idle
+
+    def chunks_in_blob_order(self) -> list[ChunkRecord]:
+        """Every unique chunk, ordered as stored (what a full prefetch reads, sequentially)."""
+        try:
+            return sorted(self.boot.chunks(), key=lambda r: (r.blob_index, r.compressed_offset))
+        except FormatError as exc:
+            raise FsError(errno.EIO, str(exc)) from exc
+
+    def prefetch_list_chunks(self) -> list[ChunkRecord]:
+        """Chunks of the bootstrap's prefetch list, in list order, each once."""
+        seen: set[bytes] = set()
+        out: list[ChunkRecord] = []
+        try:
+            for ino in self.boot.prefetch():
+                for ref in self.boot.file_chunks(ino):
+                    if ref.chunk.digest not in seen:
+                        seen.add(ref.chunk.digest)
+                        out.append(ref.chunk)
+        except FormatError as exc:
+            raise FsError(errno.EIO, str(exc)) from exc
+        return out
+
+    async def chunks(
+        self, records: Sequence[ChunkRecord], *, background: bool = False, priority: bool = False
+    ) -> list[bytes]:
+        """Decoded, verified chunks, in order: memory LRU, a fetch in flight, the disk store, or
+        the backend.
+
+        ``background`` (prefetch): wait until no on-demand read is running, and do not fill
+        the memory LRU. ``priority`` (readahead): neither waits nor counts as on-demand.
+        Otherwise the call is an on-demand read and background work yields to it.
+        """
+        idle = self._idle_event()
+        if background:
+            await idle.wait()
+            return await self._chunks(records, keep_in_memory=False)
+        if priority:
+            return await self._chunks(records, keep_in_memory=True)
+        self._foreground += 1
+        idle.clear()
+        try:
+            return await self._chunks(records, keep_in_memory=True)
+        finally:
+            self._foreground -= 1
+            if self._foreground == 0:
+                idle.set()
+
+    async def _chunks(self, records: Sequence[ChunkRecord], keep_in_memory: bool) -> list[bytes]:
+        obs = self.observer
         result: dict[bytes, bytes] = {}
         waits: dict[bytes, asyncio.Future[bytes]] = {}
         mine: dict[bytes, ChunkRecord] = {}
@@ -248,20 +375,31 @@ class ImageFS:
             if cached is not None:
                 self.stats.chunk_hits += 1
                 result[d] = cached
+                if obs is not None:
+                    obs.cache_hit("memory")
             elif d in self._inflight:
                 self.stats.chunk_hits += 1
                 waits[d] = self._inflight[d]
+                if obs is not None:
+                    obs.cache_hit("inflight")
             else:
-                self.stats.chunk_misses += 1
                 mine[d] = rec
         if mine:
             loop = asyncio.get_running_loop()
             futs = {d: loop.create_future() for d in mine}
             self._inflight.update(futs)
             try:
-                fetched = await self._fetch(list(mine.values()))
+                fetched = await self._from_store(mine)
+                missing = [rec for d, rec in mine.items() if d not in fetched]
+                if missing:
+                    from_backend = await self._fetch(missing)
+                    if self.store is not None:
+                        for d, data in from_backend.items():
+                            await self.store.put(d, data)
+                    fetched.update(from_backend)
                 for d, data in fetched.items():
-                    self._lru.put(d, data)
+                    if keep_in_memory:
+                        self._lru.put(d, data)
                     futs[d].set_result(data)
                 result.update(fetched)
             except FsError as exc:
@@ -276,6 +414,22 @@ class ImageFS:
         for d, fut in waits.items():
             result[d] = await asyncio.shield(fut)
         return [result[r.digest] for r in records]
+
+    async def _from_store(self, wanted: dict[bytes, ChunkRecord]) -> dict[bytes, bytes]:
+        """Chunks the disk store holds (verified there); counts hits and misses."""
+        found: dict[bytes, bytes] = {}
+        for d, rec in wanted.items():
+            data = await self.store.get(d, rec.uncompressed_size) if self.store else None
+            if data is not None:
+                found[d] = data
+                self.stats.store_hits += 1
+                if self.observer is not None:
+                    self.observer.cache_hit("disk")
+            else:
+                self.stats.chunk_misses += 1
+                if self.observer is not None:
+                    self.observer.cache_miss()
+        return found
 
     def _plan(self, records: list[ChunkRecord]) -> list[tuple[RangeRequest, list[ChunkRecord]]]:
         """Group chunks into ranged reads: same blob, gaps no larger than the merge window."""
@@ -322,9 +476,13 @@ class ImageFS:
                             decode, piece, rec.flags, rec.uncompressed_size, rec.digest)
                     except IntegrityError:
                         self.stats.verification_failures += 1
+                        if self.observer is not None:
+                            self.observer.verification_failure("backend")
                         bad.append(rec)
                         continue
                     self.stats.chunks_fetched += 1
+                    if self.observer is not None:
+                        self.observer.chunk_fetched(self.backend.name, rec.compressed_size)
                     by_blob = self.stats.fetched_by_blob
                     by_blob[rec.blob_index] = by_blob.get(rec.blob_index, 0) + 1
                     out[rec.digest] = data
