@@ -22,7 +22,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from nydusfs.errors import FormatError, IntegrityError, StorageError
 from nydusfs.format.chunk import decode
@@ -151,6 +151,7 @@ class ImageFS:
         store: ChunkStore | None = None,
         observer: FsObserver | None = None,
         readahead_chunks: int = 0,
+        access_trace: BinaryIO | None = None,
     ) -> None:
         self.boot = boot
         self.backend = backend
@@ -166,6 +167,12 @@ class ImageFS:
         self._idle: asyncio.Event | None = None  # created on the running loop
         self._last_end: dict[int, int] = {}  # ino -> end of the last read (sequential?)
         self._tasks: set[asyncio.Task[None]] = set()
+        # Access trace: the path of each file the first time it is read, in order; the file
+        # is a valid `nydusfs build --prefetch` list. Paths come from lookups (the kernel
+        # looks a name up before opening it).
+        self._trace = access_trace
+        self._paths: dict[int, bytes] = {1: b"/"}
+        self._traced: set[int] = set()
 
     # ---- metadata ---------------------------------------------------------------------
 
@@ -193,6 +200,10 @@ class ImageFS:
             raise FsError(errno.EIO, str(exc)) from exc
         if entry is None:
             raise FsError(errno.ENOENT)
+        if self._trace is not None and entry.ino not in self._paths:
+            base = self._paths.get(parent)
+            if base is not None:
+                self._paths[entry.ino] = (base if base == b"/" else base + b"/") + name
         return Attr.of(self._inode(entry.ino))
 
     def readdir(self, ino: int, start: int = 0) -> Iterator[tuple[bytes, Attr, int]]:
@@ -260,6 +271,8 @@ class ImageFS:
         if offset < 0 or size < 0:
             raise FsError(errno.EINVAL)
         self.stats.reads += 1
+        if self._trace is not None and ino not in self._traced:
+            self._record_access(ino)
         t0 = time.monotonic()
         try:
             refs = self.boot.chunks_for_range(node, offset, size)
@@ -288,6 +301,23 @@ class ImageFS:
         if sequential and self._readahead and end < node.size:
             self._start_readahead(node, end)
         return bytes(out)
+
+    def _record_access(self, ino: int) -> None:
+        self._traced.add(ino)
+        path = self._paths.get(ino)
+        if path is None or b"\n" in path or self._trace is None:
+            return  # not reached by a lookup we saw, or not representable in a line list
+        try:
+            self._trace.write(path + b"\n")  # buffered: a few bytes, no syscall per line
+        except OSError:
+            self._trace = None  # tracing is best effort; never fail a read for it
+
+    def flush_trace(self) -> None:
+        if self._trace is not None:
+            try:
+                self._trace.flush()
+            except OSError:
+                self._trace = None
 
     def _start_readahead(self, node: Inode, end: int) -> None:
         """A sequential reader will want the next chunks: fetch them now, in the background."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import io
 import os
 import random
 from collections.abc import Callable, Sequence
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from nydusfs.builder import BuildOptions, build
+from nydusfs.builder import BuildOptions, build, read_prefetch_file
 from nydusfs.format.reader import Bootstrap
 from nydusfs.fs.model import FsError, ImageFS
 from nydusfs.storage.base import Backend, RangeRequest
@@ -53,11 +54,12 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return src, root / "image"
 
 
-def _fs(image: Path, **kw: int) -> tuple[ImageFS, Recording, MemoryBackend]:
+def _fs(image: Path, merge_window: int = 128 << 10) -> tuple[ImageFS, Recording, MemoryBackend]:
     blobs = {p.name: p.read_bytes() for p in (image / "blobs").iterdir()}
     mem = MemoryBackend(blobs)
     rec = Recording(mem)
-    return ImageFS(Bootstrap.open(image / "bootstrap"), rec, **kw), rec, mem
+    fs = ImageFS(Bootstrap.open(image / "bootstrap"), rec, merge_window=merge_window)
+    return fs, rec, mem
 
 
 def _ino(fs: ImageFS, path: str) -> int:
@@ -182,3 +184,28 @@ def test_backend_failure_is_eio(image: tuple[Path, Path]) -> None:
         assert info.value.errno == errno.EIO
 
     asyncio.run(run())
+
+
+def test_access_trace_records_first_reads_in_order_and_feeds_prefetch(
+    image: tuple[Path, Path], tmp_path: Path
+) -> None:
+    src, img = image
+    blobs = {p.name: p.read_bytes() for p in (img / "blobs").iterdir()}
+    trace = io.BytesIO()
+    fs = ImageFS(Bootstrap.open(img / "bootstrap"), MemoryBackend(blobs), access_trace=trace)
+    order = ["small/s07", "big/f2", "small/s07", "small/s00"]
+
+    async def run() -> None:
+        for path in order:
+            await fs.read(_ino(fs, path), 0, 10)
+
+    asyncio.run(run())
+    fs.flush_trace()
+    assert trace.getvalue() == b"/small/s07\n/big/f2\n/small/s00\n"
+    # The trace is a prefetch list: rebuilding with it puts those files first.
+    (tmp_path / "trace").write_bytes(trace.getvalue())
+    build([str(src)], tmp_path / "img2",
+          BuildOptions(prefetch=read_prefetch_file(tmp_path / "trace")))
+    with Bootstrap.open(tmp_path / "img2" / "bootstrap") as boot:
+        assert boot.prefetch() == [boot.resolve(p).ino for p in ("small/s07", "big/f2",
+                                                                   "small/s00")]
