@@ -209,3 +209,23 @@ def test_access_trace_records_first_reads_in_order_and_feeds_prefetch(
     with Bootstrap.open(tmp_path / "img2" / "bootstrap") as boot:
         assert boot.prefetch() == [boot.resolve(p).ino for p in ("small/s07", "big/f2",
                                                                    "small/s00")]
+
+
+def test_sequential_reads_trigger_readahead(image: tuple[Path, Path]) -> None:
+    src, img = image
+    blobs = {p.name: p.read_bytes() for p in (img / "blobs").iterdir()}
+    fs = ImageFS(Bootstrap.open(img / "bootstrap"), MemoryBackend(blobs), readahead_chunks=2)
+    want = (src / "big" / "f6").read_bytes()  # 4 chunks
+
+    async def run() -> None:
+        ino = _ino(fs, "big/f6")
+        assert await fs.read(ino, 0, MiB) == want[:MiB]
+        assert fs.stats.chunks_fetched == 1  # a first read is not yet sequential
+        assert await fs.read(ino, MiB, MiB) == want[MiB : 2 * MiB]
+        await asyncio.gather(*list(fs._tasks))
+        assert fs.stats.chunks_fetched == 4  # chunks 2 and 3 read ahead
+        fetched = fs.stats.chunks_fetched
+        assert await fs.read(ino, 2 * MiB, 2 * MiB) == want[2 * MiB :]
+        assert fs.stats.chunks_fetched == fetched  # served from memory
+
+    asyncio.run(run())
