@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pyfuse3
@@ -124,8 +124,13 @@ def serve(
     entry_timeout: float = 3600.0,
     attr_timeout: float = 3600.0,
     on_ready: Callable[[], None] | None = None,
+    services: Callable[[], Awaitable[Callable[[], Awaitable[None]]]] | None = None,
 ) -> None:
-    """Mount, serve until unmounted or SIGTERM/SIGINT, then unmount cleanly."""
+    """Mount, serve until unmounted or SIGTERM/SIGINT, then unmount cleanly.
+
+    ``services`` starts what runs beside the mount on the same event loop (prefetch, status
+    API, metrics) once the mount is up, and returns the coroutine function that stops them.
+    """
     pyfuse3.asyncio.enable()
     options = set(pyfuse3.default_options)
     options |= {f"fsname={fsname}", "ro", "default_permissions", "subtype=nydusfs"}
@@ -135,21 +140,21 @@ def serve(
 
     started = False
 
-    def ready() -> None:
-        nonlocal started
-        started = True
-        if on_ready is not None:
-            on_ready()
-
     async def main() -> None:
+        nonlocal started
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, pyfuse3.terminate)
         pyfuse3.init(adapter, mountpoint, options)
-        ready()
+        started = True  # from here on, unmount on the way out whatever happens
+        stop = await services() if services is not None else None
+        if on_ready is not None:
+            on_ready()
         try:
             await pyfuse3.main()
         finally:
+            if stop is not None:
+                await stop()
             await fs.backend.close()  # only once FUSE no longer calls into it
 
     try:
