@@ -1,4 +1,4 @@
-"""The ``nydusfs`` command line: build, inspect, check, mount, umount.
+"""The ``nydusfs`` command line: build, inspect, check, mount, umount, stat.
 
 A thin edge: parse arguments, call the library, print. Every deliberate error is a
 ``NydusfsError`` and becomes one line on stderr and exit status 1 (usage errors: 2), never a
@@ -71,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("umount", help="unmount a nydusfs mount (the daemon then exits)")
     u.add_argument("mountpoint", type=Path)
+
+    st = sub.add_parser("stat", help="show a mount's status: reads, fetches, cache, prefetch")
+    st.add_argument("mountpoint", type=Path)
+    st.add_argument("--json", action="store_true")
 
     c = sub.add_parser("check", help="verify a bootstrap (and its blobs)")
     c.add_argument("bootstrap", type=Path)
@@ -202,6 +206,14 @@ def _cmd_umount(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_stat(args: argparse.Namespace) -> int:
+    from nydusfs.status import format_status, query_status
+
+    status = query_status(args.mountpoint)
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
@@ -212,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _on_sigterm)
     handler = {
         "build": _cmd_build, "inspect": _cmd_inspect, "check": _cmd_check, "mount": _cmd_mount,
-        "umount": _cmd_umount,
+        "umount": _cmd_umount, "stat": _cmd_stat,
     }[args.command]
     try:
         return handler(args)

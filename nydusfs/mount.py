@@ -8,6 +8,7 @@ or reports the daemon's error if it failed — a caller never sees a half-ready 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import select
 import shutil
@@ -15,7 +16,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nydusfs.config import MountConfig
+    from nydusfs.fs.model import ImageFS
+    from nydusfs.fs.prefetch import Prefetcher
+    from nydusfs.metrics import FsMetrics
+    from nydusfs.storage.cache import DiskChunkStore
 
 from nydusfs.errors import NydusfsError
 
@@ -31,6 +41,7 @@ def mount_foreground(
     from nydusfs.format.reader import Bootstrap
     from nydusfs.fs.fuse import serve
     from nydusfs.fs.model import ImageFS
+    from nydusfs.metrics import FsMetrics
     from nydusfs.storage import create_backend
 
     config = load_config(config_path)
@@ -38,8 +49,22 @@ def mount_foreground(
         raise NydusfsError(f"{mountpoint}: mountpoint is not a directory")
     boot = Bootstrap.open(bootstrap)
     backend = create_backend(config.backend, image_dir=bootstrap.resolve().parent)
+    store = None
+    if config.cache_enabled:
+        from nydusfs.storage.cache import DiskChunkStore
+
+        store = DiskChunkStore(config.cache.dir, config.cache.quota)
+    trace = None
+    if config.access_trace is not None:
+        try:
+            trace = open(config.access_trace, "ab")  # noqa: SIM115 (closed on unmount)
+        except OSError as exc:
+            raise NydusfsError(f"access_trace: {config.access_trace}: {exc.strerror}") from exc
+    metrics = FsMetrics(backends=[config.backend.type])
     fs = ImageFS(boot, backend, cache_bytes=config.read.cache_chunks,
-                 merge_window=config.read.merge_window)
+                 merge_window=config.read.merge_window, store=store, observer=metrics,
+                 readahead_chunks=config.read.readahead_chunks, access_trace=trace)
+    services = _Services(fs, config, bootstrap, mountpoint, metrics, store)
 
     def ready() -> None:
         if ready_fd is not None:
@@ -49,12 +74,82 @@ def mount_foreground(
     try:
         serve(fs, str(mountpoint), allow_other=config.fuse.allow_other,
               fsname=f"nydusfs:{bootstrap.name}", entry_timeout=config.fuse.entry_timeout,
-              attr_timeout=config.fuse.attr_timeout, on_ready=ready)
+              attr_timeout=config.fuse.attr_timeout, on_ready=ready, services=services.start)
     except RuntimeError as exc:  # pyfuse3.init: mount(2) failed
         raise NydusfsError(f"{mountpoint}: cannot mount: {exc}") from exc
     finally:
+        fs.flush_trace()
+        if trace is not None:
+            trace.close()
         boot.close()
     return 0
+
+
+class _Services:
+    """What runs beside a mount on its event loop: prefetch, the status API, metrics."""
+
+    def __init__(self, fs: ImageFS, config: MountConfig, bootstrap: Path, mountpoint: Path,
+                 metrics: FsMetrics, store: DiskChunkStore | None) -> None:
+        self.fs = fs
+        self.config = config
+        self.bootstrap = bootstrap
+        self.mountpoint = mountpoint
+        self.metrics = metrics
+        self.store = store
+        self.prefetcher: Prefetcher | None = None
+        self.started = time.time()
+
+    def status(self) -> dict[str, object]:
+        """Called on the event loop by the API: copies counters only."""
+        from dataclasses import asdict
+
+        backend = self.fs.backend
+        out: dict[str, object] = {
+            "image": str(self.bootstrap), "mountpoint": str(self.mountpoint), "pid": os.getpid(),
+            "backend": self.config.backend.type,
+            "uptime_seconds": round(time.time() - self.started),
+            "read": asdict(self.fs.stats),
+            "backend_counters": {"reads": getattr(backend, "reads", None),
+                                 "bytes_read": getattr(backend, "bytes_read", None)},
+        }
+        if self.prefetcher is not None:
+            out["prefetch"] = self.prefetcher.snapshot()
+        if self.store is not None:
+            out["cache"] = self.store.stats()
+        return out
+
+    async def start(self) -> Callable[[], Awaitable[None]]:
+        from nydusfs.fs.api import api_socket_path, start_api
+        from nydusfs.fs.prefetch import Prefetcher
+        from nydusfs.metrics import cache_gauges, prefetch_gauges, start_metrics_server
+
+        cfg = self.config
+        tasks: list[asyncio.Task[None]] = []
+        if self.fs.boot.header.count("prefetch") or cfg.prefetch.all:
+            self.prefetcher = Prefetcher(self.fs, all=cfg.prefetch.all,
+                                         bandwidth=cfg.prefetch.bandwidth,
+                                         concurrency=cfg.prefetch.concurrency)
+            prefetcher = self.prefetcher
+            self.metrics.add_gauge_source(lambda: prefetch_gauges(prefetcher.snapshot()))
+            tasks.append(asyncio.get_running_loop().create_task(prefetcher.run()))
+        if self.store is not None:
+            store, quota = self.store, cfg.cache.quota
+            self.metrics.add_gauge_source(lambda: cache_gauges(store.stats(), quota))
+        server = None
+        if cfg.metrics is not None:
+            server = await asyncio.to_thread(start_metrics_server, self.metrics,
+                                             cfg.metrics.host, cfg.metrics.port)
+        api = await start_api(api_socket_path(self.mountpoint), self.status)
+
+        async def stop() -> None:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await api.close()
+            if server is not None:
+                server.close()
+
+        return stop
 
 
 def mount_background(bootstrap: Path, mountpoint: Path, config_path: Path | None) -> int:

@@ -379,7 +379,9 @@ class ImageFS:
         """
         idle = self._idle_event()
         if background:
-            await idle.wait()
+            # Re-check after waking: a reader may have started again in the same loop step.
+            while self._foreground:
+                await idle.wait()
             return await self._chunks(records, keep_in_memory=False)
         if priority:
             return await self._chunks(records, keep_in_memory=True)

@@ -7,14 +7,19 @@ daemon with ``nydusfs umount`` (by its mountpoint; the daemon's PID is checked g
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from treegen import snapshot_tree
@@ -35,11 +40,12 @@ def _run(*args: object) -> subprocess.CompletedProcess[str]:
 
 
 class Mounted:
-    def __init__(self, image: Path, mnt: Path) -> None:
+    def __init__(self, image: Path, mnt: Path, config: Path | None = None) -> None:
         self.image = image
         self.mnt = mnt
         mnt.mkdir(parents=True, exist_ok=True)
-        proc = _run("mount", image / "bootstrap", mnt, "--background")
+        extra = ["--config", config] if config is not None else []
+        proc = _run("mount", image / "bootstrap", mnt, "--background", *extra)
         assert proc.returncode == 0, proc.stderr
         m = re.search(r"daemon pid (\d+)", proc.stdout)
         assert m, proc.stdout
@@ -68,11 +74,11 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.fixture
-def mount_image(tmp_path: Path) -> Iterator[Callable[[Path], Mounted]]:
+def mount_image(tmp_path: Path) -> Iterator[Callable[..., Mounted]]:
     mounts: list[Mounted] = []
 
-    def mount(image: Path) -> Mounted:
-        m = Mounted(image, tmp_path / f"mnt{len(mounts)}")
+    def mount(image: Path, config: Path | None = None) -> Mounted:
+        m = Mounted(image, tmp_path / f"mnt{len(mounts)}", config)
         mounts.append(m)
         return m
 
@@ -86,7 +92,7 @@ def _build(src: Path, out: Path) -> Path:
     return out
 
 
-MountFn = Callable[[Path], "Mounted"]
+MountFn = Callable[..., "Mounted"]
 
 
 def test_mounted_tree_equals_source(full_tree: Path, tmp_path: Path, mount_image: MountFn) -> None:
@@ -176,3 +182,84 @@ def test_foreground_mount_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
             proc.wait(timeout=10)
         if os.path.ismount(mnt):
             subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+
+
+def _wait_for(cond: Callable[[], bool], what: str, seconds: float = 60) -> None:
+    for _ in range(int(seconds / 0.05)):  # bounded poll
+        if cond():
+            return
+        time.sleep(0.05)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _stat(mnt: Path) -> dict[str, Any]:
+    proc = _run("stat", mnt, "--json")
+    assert proc.returncode == 0, proc.stderr
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return result
+
+
+def test_prefetch_all_into_cache_survives_losing_the_blobs(tmp_path: Path,
+                                                            mount_image: MountFn) -> None:
+    _small_tree(tmp_path / "src")
+    image = _build(tmp_path / "src", tmp_path / "image")
+    cfg = tmp_path / "mount.yaml"
+    port = _free_port()
+    cfg.write_text(
+        "backend: localfs\n"
+        f"cache: {{enabled: true, dir: {tmp_path / 'cache'}, quota: 1GiB}}\n"
+        "prefetch: {all: true, bandwidth: 0, concurrency: 2}\n"
+        f"metrics: 127.0.0.1:{port}\n"
+        f"access_trace: {tmp_path / 'trace'}\n")
+    m = mount_image(image, cfg)
+    _wait_for(lambda: _stat(m.mnt).get("prefetch", {}).get("state") == "done", "prefetch")
+    status = _stat(m.mnt)
+    assert status["prefetch"]["done_chunks"] == status["prefetch"]["total_chunks"] > 0
+    shutil.rmtree(image / "blobs")  # the backend is gone; the cache must serve everything
+    for name in ("a", "b", "sub/c"):
+        assert (m.mnt / name).read_bytes() == (tmp_path / "src" / name).read_bytes()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    assert "nydusfs_read_bytes_total" in text and "nydusfs_prefetch_chunks" in text
+    m.close()
+    assert (tmp_path / "trace").read_bytes().splitlines() == [b"/a", b"/b", b"/sub/c"]
+    # A second mount of the same image reads from the cache (blobs still gone).
+    m2 = mount_image(image, _no_prefetch(tmp_path))
+    assert (m2.mnt / "sub" / "c").read_bytes() == (tmp_path / "src" / "sub" / "c").read_bytes()
+    assert _stat(m2.mnt)["read"]["store_hits"] >= 1
+
+
+def _no_prefetch(tmp_path: Path) -> Path:
+    out = tmp_path / "mount2.yaml"
+    out.write_text("backend: localfs\n"
+                   f"cache: {{enabled: true, dir: {tmp_path / 'cache'}, quota: 1GiB}}\n")
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_reading_one_file_fetches_only_its_chunks(tmp_path: Path, mount_image: MountFn) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(6):
+        (src / f"f{i}").write_bytes(os.urandom(2 << 20))
+    image = _build(src, tmp_path / "image")
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text("read: {merge_window: 0, readahead_chunks: 0}\n")
+    m = mount_image(image, cfg)
+    assert (m.mnt / "f3").read_bytes() == (src / "f3").read_bytes()
+    status = _stat(m.mnt)
+    with Bootstrap.open(image / "bootstrap") as boot:
+        mine = sum(r.chunk.compressed_size for r in boot.file_chunks(boot.resolve("f3")))
+    assert status["backend_counters"]["bytes_read"] == mine
+    assert status["read"]["chunks_fetched"] == 2
+
+
+def test_stat_without_a_daemon_is_a_clear_error(tmp_path: Path) -> None:
+    proc = _run("stat", tmp_path)
+    assert proc.returncode == 1 and "no nydusfs daemon" in proc.stderr
