@@ -16,13 +16,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.dfnydus-installed
 # System packages: FUSE (runtime + headers, pyfuse3 is built from source), a compiler, Python
 # headers and venv, the tools the benchmarks compare against (mksquashfs, squashfuse, zstd),
-# and umoci + skopeo, which the tests use to write real OCI image layouts.
+# umoci + skopeo, which the tests use to write real OCI image layouts, and runc, which the tests
+# and benchmarks run containers with (rootfs on a nydusfs mount).
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev \
-                squashfs-tools squashfuse zstd umoci skopeo
+                squashfs-tools squashfuse zstd umoci skopeo runc
 BENCH_RUNS ?= 3
 
 .PHONY: help setup system-packages venv demo lint test bench bench-rootfs bench-lookup \
-        bench-build bench-report clean distclean
+        bench-build bench-read bench-report clean distclean
 
 help:
 	@echo "make demo       set up, then build/inspect/check a sample image (scripts/demo.sh)"
@@ -75,7 +76,7 @@ test: lint
 # Benchmarks are not tests: they measure ratios against a baseline run in the same session and
 # write docs/benchmarks.md. Each step can be run alone; bench-report merges whatever results
 # bench/.cache/results/ holds.
-bench: bench-lookup bench-build bench-report
+bench: bench-lookup bench-build bench-read bench-report
 
 bench-rootfs: setup
 	bench/rootfs.sh
@@ -85,6 +86,12 @@ bench-lookup: setup
 
 bench-build: bench-rootfs
 	$(BIN)/python bench/build_bench.py --runs $(BENCH_RUNS)
+
+# Reads through nydusfs / squashfuse mounts vs the native tree, then mount-to-ready time; needs
+# root and /dev/fuse (drops the page cache between runs).
+bench-read: bench-rootfs
+	$(BIN)/python bench/read_bench.py --runs $(BENCH_RUNS)
+	$(BIN)/python bench/mount_bench.py --runs $$(( $(BENCH_RUNS) > 5 ? $(BENCH_RUNS) : 5 ))
 
 bench-report: setup
 	$(BIN)/python bench/report.py

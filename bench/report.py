@@ -173,7 +173,193 @@ def lookup_section(r: dict[str, Any] | None) -> list[str]:
     return out
 
 
-def render(build: dict[str, Any] | None, lookup: dict[str, Any] | None) -> str:
+_TARGET_LABELS = {
+    "native": "native directory (reference)",
+    "nydusfs": "nydusfs (localfs, blobs on local disk)",
+    "squashfuse": "squashfuse (baseline)",
+    "squashfuse_ll": "squashfuse_ll",
+}
+
+
+def _label(target: str) -> str:
+    return _TARGET_LABELS.get(target, target)
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def read_section(r: dict[str, Any] | None) -> list[str]:
+    out = ["## 3. Reading through the mount: nydusfs vs squashfuse vs the native directory", ""]
+    if r is None:
+        return [*out, "Not measured yet: run `make bench-read`.", ""]
+    ds = r["datasets"]["rootfs"]
+    fs, b, m = ds["facts"], ds["build"], ds["medians"]
+    data = fs["data_bytes"]
+    targets: list[str] = ds["targets"]
+    seq = m["seq"]
+    seq_ratio = seq["squashfuse"]["cold"] / seq["nydusfs"]["cold"]
+    cold_note = "" if r["drop_caches"] else (
+        " **The page cache could not be dropped (not root?): every run was warm.**")
+    out += [
+        f"Input: the `bench/rootfs.sh` rootfs ({r['packages']}): {data / MB:.0f} MB in "
+        f"{fs['regular_files']} regular files, {fs['entries']} entries; nydusfs image "
+        f"{b['nydusfs_bytes'] / MB:.1f} MB (built in {_fmt_s(b['nydusfs_build_s'])}), squashfs "
+        f"(`mksquashfs -comp zstd`) {b['squashfs_bytes'] / MB:.1f} MB. nydusfs is mounted with "
+        "`nydusfs mount --background` and no config: backend `localfs`, blobs beside the "
+        "bootstrap on the local disk (the \"chunks cached locally\" case), no disk cache, "
+        f"default read settings. Medians of {r['runs']} runs, targets in rotating order. "
+        "*cold* = a fresh mount and the page cache dropped (`echo 3 > "
+        "/proc/sys/vm/drop_caches`) just before; *warm* = the same operation repeated at once "
+        f"(re-read from the page cache).{cold_note} "
+        f"Measured {r['machine']['date']}, {r['machine'].get('revision', '')}.",
+        "",
+        f"**Goal: sequential read throughput ≥ 0.7x squashfuse — {_verdict(seq_ratio >= 0.7)}: "
+        f"{seq_ratio:.2f}x cold.** Re-reads: nydusfs warm "
+        f"{data / MB / seq['nydusfs']['warm']:.0f} MB/s vs native warm "
+        f"{data / MB / seq['native']['warm']:.0f} MB/s.",
+        "",
+        "| target | sequential cold | x squashfuse | re-read (warm) | x native | "
+        "random 4 KiB cold | x squashfuse | random 4 KiB warm |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    rand = m.get("rand")
+    n_rand = ds["rand"]["reads"]
+    for t in targets:
+        cells = [
+            f"{data / MB / seq[t]['cold']:.0f} MB/s",
+            f"{seq['squashfuse']['cold'] / seq[t]['cold']:.2f}",
+            f"{data / MB / seq[t]['warm']:.0f} MB/s",
+            f"{seq['native']['warm'] / seq[t]['warm']:.2f}",
+        ]
+        if rand is not None:
+            cells += [
+                f"{n_rand / rand[t]['cold']:,.0f} reads/s",
+                f"{rand['squashfuse']['cold'] / rand[t]['cold']:.2f}",
+                f"{n_rand / rand[t]['warm']:,.0f} reads/s",
+            ]
+        else:
+            cells += ["-", "-", "-"]
+        out.append(f"| {_label(t)} | " + " | ".join(cells) + " |")
+    out += [
+        "",
+        "Sequential: `find MNT -xdev -type f -print0 | xargs -0 cat > /dev/null` (every "
+        "regular file read fully; hardlinked files count once per name). Random: "
+        f"{n_rand} `pread`s of 4 KiB at 4 KiB-aligned random offsets in the "
+        f"{ds['rand']['files']} files ≥ {ds['rand']['min_file'] >> 20} MiB (same offsets and "
+        "order for every target), one process. The *x* columns are throughput ratios "
+        "(above 1 = faster than the reference).",
+        "",
+    ]
+    out += _meta_tables(r)
+    out += _python_table(r)
+    v = r["versions"]
+    out += [f"Versions: {v['squashfuse']}; {v['mksquashfs']}; {v['runc']}.", ""]
+    return out
+
+
+def _meta_tables(r: dict[str, Any]) -> list[str]:
+    out = ["### Metadata walks: `find MNT -xdev | wc -l` and `ls -lR MNT > /dev/null`", ""]
+    names = [n for n in ("meta", "rootfs") if n in r["datasets"]]
+    goal = r["datasets"][names[0]]["medians"]
+    worst = max(goal[op]["nydusfs"][mode] / goal[op]["squashfuse"][mode]
+                for op in ("find", "ls") for mode in ("cold", "warm"))
+    facts0 = r["datasets"][names[0]]["facts"]
+    out += [
+        f"**Goal: find and ls -lR ≤ 2x squashfuse on a {facts0['entries']:,}-entry image — "
+        f"{_verdict(worst <= 2.0)}: worst ratio {worst:.2f}** (time ratios nydusfs / "
+        "squashfuse, cold and warm, find and ls).",
+        "",
+    ]
+    for name in names:
+        ds = r["datasets"][name]
+        fs, m = ds["facts"], ds["medians"]
+        what = (f"synthetic tree: {fs['regular_files']:,} small files, 100 per directory"
+                if name == "meta" else "the rootfs above")
+        out += [
+            f"{fs['entries']:,} entries ({what}); image build: nydusfs "
+            f"{_fmt_s(ds['build']['nydusfs_build_s'])}, mksquashfs "
+            f"{_fmt_s(ds['build']['mksquashfs_s'])}.",
+            "",
+            "| target | find cold | find warm | ls -lR cold | ls -lR warm | "
+            "x squashfuse (find cold / warm, ls cold / warm) |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for t in ds["targets"]:
+            ratios = " / ".join(
+                f"{m[op][t][mode] / m[op]['squashfuse'][mode]:.2f}"
+                for op in ("find", "ls") for mode in ("cold", "warm"))
+            out.append(
+                f"| {_label(t)} | {_fmt_s(m['find'][t]['cold'])} | "
+                f"{_fmt_s(m['find'][t]['warm'])} | {_fmt_s(m['ls'][t]['cold'])} | "
+                f"{_fmt_s(m['ls'][t]['warm'])} | {ratios} |")
+        out.append("")
+    out += [
+        "Here *x squashfuse* is a time ratio (below 1 = faster than squashfuse). `ls -l` asks "
+        "every file for its ACL xattrs, which the kernel does not cache for FUSE: each is a "
+        "round trip to the daemon, cold or warm.",
+        "",
+    ]
+    return out
+
+
+def _python_table(r: dict[str, Any]) -> list[str]:
+    ds = r["datasets"]["rootfs"]
+    m = ds["medians"].get("python")
+    out = ["### Python cold start under runc", ""]
+    if m is None:
+        return [*out, "Not measured: runc is not installed.", ""]
+    args = " ".join(f"'{a}'" if " " in a else a for a in r["python_args"])
+    out += [
+        f"`runc run` of `{args}` with the mount (or the directory) as a read-only root; the "
+        "time of the whole `runc run` command (container setup included).",
+        "",
+        "| root | cold | warm | cold x native |",
+        "|---|---:|---:|---:|",
+    ]
+    for t in ds["targets"]:
+        out.append(f"| {_label(t)} | {_fmt_s(m[t]['cold'])} | {_fmt_s(m[t]['warm'])} | "
+                   f"{m[t]['cold'] / m['native']['cold']:.2f} |")
+    return [*out, ""]
+
+
+def mount_section(r: dict[str, Any] | None) -> list[str]:
+    out = ["## 4. Mount-to-ready time: flat in file count", ""]
+    if r is None:
+        return [*out, "Not measured yet: run `make bench-read`.", ""]
+    lo, hi = r["sizes"]
+    warm, cold = r["ratio_mount_warm"], r["ratio_mount_cold"]
+    flat = max(warm, cold) <= 1.5
+    out += [
+        "Bootstraps synthesized as in section 2 (N files of one 4 KiB chunk, 64 per "
+        "directory), empty `blobs/` beside them. *mount* = wall time of `nydusfs mount "
+        "--background`, which returns once the daemon reports the FUSE mount ready (it "
+        "includes starting two Python processes: the command and the daemon); *first stat* "
+        "= `stat` of the deepest file right after; *umount* = `nydusfs umount` until the "
+        "daemon is gone. *cold* = page cache dropped before mounting. Medians of "
+        f"{r['runs']} rounds, sizes interleaved. "
+        f"Measured {r['machine']['date']}, {r['machine'].get('revision', '')}.",
+        "",
+        f"**Goal: mount time flat from {lo:,} to {hi:,} files — "
+        f"{'flat' if flat else 'NOT flat'} (a ratio ≤ 1.5 is counted as flat): "
+        f"{hi:,} / {lo:,} files = {warm:.2f} warm, {cold:.2f} cold.**",
+        "",
+        "| files | bootstrap | mount (warm) | mount (cold) | ratio to smallest (warm) | "
+        "first stat (warm / cold) | umount (warm) |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    base = r["cases"][0]["medians"]["warm"]["mount"]
+    for c in r["cases"]:
+        w, k = c["medians"]["warm"], c["medians"]["cold"]
+        out.append(
+            f"| {c['files']:,} | {c['bootstrap_bytes'] / MB:.1f} MB | {_fmt_s(w['mount'])} | "
+            f"{_fmt_s(k['mount'])} | {w['mount'] / base:.2f} | {_fmt_s(w['first_stat'])} / "
+            f"{_fmt_s(k['first_stat'])} | {_fmt_s(w['umount'])} |")
+    return [*out, ""]
+
+
+def render(build: dict[str, Any] | None, lookup: dict[str, Any] | None,
+           read: dict[str, Any] | None = None, mount: dict[str, Any] | None = None) -> str:
     lines = [
         "# Benchmarks",
         "",
@@ -189,6 +375,7 @@ def render(build: dict[str, Any] | None, lookup: dict[str, Any] | None) -> str:
         "make bench                    # all benchmarks, then this file (BENCH_RUNS=3)",
         "make bench-build BENCH_RUNS=5 # only the build benchmark (makes the rootfs first)",
         "make bench-lookup             # only the lookup benchmark",
+        "make bench-read BENCH_RUNS=5  # only reads through mounts + mount time (root, FUSE)",
         "make bench-report             # rewrite this file from bench/.cache/results/*.json",
         "```",
         "",
@@ -200,7 +387,7 @@ def render(build: dict[str, Any] | None, lookup: dict[str, Any] | None) -> str:
         "",
     ]
     newest = max(
-        (r for r in (build, lookup) if r is not None),
+        (r for r in (build, lookup, read, mount) if r is not None),
         key=lambda r: str(r["machine"]["date"]),
         default=None,
     )
@@ -210,6 +397,8 @@ def render(build: dict[str, Any] | None, lookup: dict[str, Any] | None) -> str:
         lines += [*_machine(newest["machine"]), ""]
     lines += build_section(build)
     lines += lookup_section(lookup)
+    lines += read_section(read)
+    lines += mount_section(mount)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -217,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-o", "--output", type=Path, default=REPO_DIR / "docs" / "benchmarks.md")
     args = ap.parse_args(argv)
-    text = render(load_result("build"), load_result("lookup"))
+    text = render(load_result("build"), load_result("lookup"), load_result("read"),
+                  load_result("mount"))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text)
     print(f"wrote {args.output}", file=sys.stderr)
