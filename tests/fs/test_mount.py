@@ -18,6 +18,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -263,3 +264,39 @@ def test_reading_one_file_fetches_only_its_chunks(tmp_path: Path, mount_image: M
 def test_stat_without_a_daemon_is_a_clear_error(tmp_path: Path) -> None:
     proc = _run("stat", tmp_path)
     assert proc.returncode == 1 and "no nydusfs daemon" in proc.stderr
+
+
+def _ls_lr(root: Path) -> str:
+    """`ls -lR` as a user compares trees. Left out: the `total` lines, which add up allocated
+    blocks (an image stores sizes, not how a filesystem allocated them: sparse files, ext4's
+    4 KiB blocks), and `.`/`..` of the top (`..` is the mountpoint's parent)."""
+    proc = subprocess.run(["ls", "-lRAn", "--time-style=full-iso", "."], cwd=root,
+                          capture_output=True, timeout=120, check=False)
+    lines = proc.stdout.decode("utf-8", "backslashreplace").splitlines()
+    return "\n".join(ln for ln in lines if not ln.startswith("total "))
+
+
+def test_ls_lr_output_equals_the_source(full_tree: Path, tmp_path: Path,
+                                        mount_image: MountFn) -> None:
+    m = mount_image(_build(full_tree, tmp_path / "image"))
+    want, got = _ls_lr(full_tree), _ls_lr(m.mnt)
+    assert want.count("\n") > 100
+    assert got == want
+
+
+def test_32_concurrent_readers_get_the_right_bytes(tmp_path: Path, mount_image: MountFn) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4):
+        (src / f"f{i}").write_bytes(os.urandom(5 << 20))
+    m = mount_image(_build(src, tmp_path / "image"))
+    want = {i: (src / f"f{i}").read_bytes() for i in range(4)}
+
+    def reader(k: int) -> bool:
+        i, off = k % 4, (k * 700_001) % (4 << 20)
+        with open(m.mnt / f"f{i}", "rb") as f:
+            f.seek(off)
+            return f.read(1 << 20) == want[i][off : off + (1 << 20)]
+
+    with ThreadPoolExecutor(32) as pool:
+        assert all(pool.map(reader, range(32)))
