@@ -30,6 +30,7 @@ help:
 	@echo "make test       set up, then ruff check, mypy --strict, pytest"
 	@echo "make lint       ruff check and mypy only"
 	@echo "make bench      run bench/ (BENCH_RUNS=$(BENCH_RUNS)) and regenerate docs/benchmarks.md"
+	@echo "make bench-read reads through nydusfs/squashfuse mounts, mount time (root, /dev/fuse)"
 	@echo "make setup      apt packages (only if missing) + $(VENV) with the package (editable, dev extras)"
 	@echo "make clean      remove caches and bench/.cache;  make distclean  also removes $(VENV)"
 
