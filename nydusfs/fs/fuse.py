@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -30,11 +31,17 @@ class FuseAdapter(pyfuse3.Operations):
     supports_dot_lookup = True
 
     def __init__(self, fs: ImageFS, *, entry_timeout: float = 3600.0,
-                 attr_timeout: float = 3600.0) -> None:
+                 attr_timeout: float = 3600.0, dir_cache_entries: int = 1 << 18) -> None:
         super().__init__()
         self.fs = fs
         self._entry_timeout = entry_timeout
         self._attr_timeout = attr_timeout
+        # The kernel does not cache directory listings of a FUSE filesystem (pyfuse3 cannot
+        # ask it to), so `find` re-reads every directory each time. The image is immutable:
+        # keep ready-made replies for recently listed directories, bounded in entries.
+        self._dirs: OrderedDict[int, list[tuple[bytes, pyfuse3.EntryAttributes]]] = OrderedDict()
+        self._dir_entries = 0
+        self._dir_limit = dir_cache_entries
 
     def _entry(self, a: Attr) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
@@ -75,12 +82,28 @@ class FuseAdapter(pyfuse3.Operations):
         return inode
 
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        entries = self._listing(fh)
+        for i in range(max(start_id, 0), len(entries)):
+            name, attrs = entries[i]
+            if not pyfuse3.readdir_reply(token, name, attrs, i + 1):
+                break
+
+    def _listing(self, ino: int) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
+        entries = self._dirs.get(ino)
+        if entries is not None:
+            self._dirs.move_to_end(ino)
+            return entries
         try:
-            for name, attr, nxt in self.fs.readdir(fh, start_id):
-                if not pyfuse3.readdir_reply(token, name, self._entry(attr), nxt):
-                    break
+            entries = [(name, self._entry(attr)) for name, attr, _ in self.fs.readdir(ino)]
         except FsError as exc:
             raise pyfuse3.FUSEError(exc.errno) from exc
+        if len(entries) <= self._dir_limit:
+            self._dirs[ino] = entries
+            self._dir_entries += len(entries)
+            while self._dir_entries > self._dir_limit:
+                _, old = self._dirs.popitem(last=False)
+                self._dir_entries -= len(old)
+        return entries
 
     async def releasedir(self, fh: int) -> None:
         return None

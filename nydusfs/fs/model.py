@@ -43,7 +43,7 @@ class FsError(Exception):
         self.errno = errno_
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per lookup/readdir entry (see format.records.Inode)
 class Attr:
     """What stat(2) reports. atime and ctime equal mtime: the image records only mtime."""
 
