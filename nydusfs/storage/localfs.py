@@ -54,8 +54,12 @@ class LocalFsBackend(Backend):
         for r in requests:
             check_range(r.blob, r.offset, r.size)
         runs = coalesce(requests)
-        datas = await asyncio.gather(*(asyncio.to_thread(self._pread, run.blob, run.offset,
-                                                         run.size) for run in runs))
+        if len(runs) == 1:  # the common case (one file's chunks): no gather task needed
+            run = runs[0]
+            datas = [await asyncio.to_thread(self._pread, run.blob, run.offset, run.size)]
+        else:
+            datas = list(await asyncio.gather(*(asyncio.to_thread(
+                self._pread, run.blob, run.offset, run.size) for run in runs)))
         return scatter(requests, runs, datas)
 
     async def close(self) -> None:
