@@ -16,6 +16,7 @@ from nydusfs.builder import BuildOptions, build, read_prefetch_file
 from nydusfs.format.reader import Bootstrap
 from nydusfs.fs.model import FsError, ImageFS
 from nydusfs.storage.base import Backend, RangeRequest
+from nydusfs.storage.cache import DiskChunkStore
 from nydusfs.storage.memory import MemoryBackend
 
 MiB = 1 << 20
@@ -227,5 +228,37 @@ def test_sequential_reads_trigger_readahead(image: tuple[Path, Path]) -> None:
         fetched = fs.stats.chunks_fetched
         assert await fs.read(ino, 2 * MiB, 2 * MiB) == want[2 * MiB :]
         assert fs.stats.chunks_fetched == fetched  # served from memory
+
+    asyncio.run(run())
+
+
+def test_tampered_disk_cache_entry_is_dropped_and_refetched(
+    image: tuple[Path, Path], tmp_path: Path
+) -> None:
+    src, img = image
+    blobs = {p.name: p.read_bytes() for p in (img / "blobs").iterdir()}
+    store = DiskChunkStore(tmp_path / "cache", 1 << 30)
+    want = (src / "big" / "f4").read_bytes()
+
+    def fresh() -> ImageFS:  # a new mount: empty memory cache, same disk cache
+        return ImageFS(Bootstrap.open(img / "bootstrap"), MemoryBackend(blobs), store=store)
+
+    async def run() -> None:
+        fs = fresh()
+        assert await fs.read(_ino(fs, "big/f4"), 0, 10**8) == want
+        assert fs.stats.chunks_fetched == 4 and fs.stats.store_hits == 0
+        with Bootstrap.open(img / "bootstrap") as boot:
+            victim = boot.file_chunks(boot.resolve("big/f4"))[1].chunk.digest
+        path = store.path_of(victim)
+        data = bytearray(path.read_bytes())
+        data[100] ^= 0xFF
+        path.write_bytes(bytes(data))
+        fs2 = fresh()
+        assert await fs2.read(_ino(fs2, "big/f4"), 0, 10**8) == want  # never the bad bytes
+        assert fs2.stats.store_hits == 3 and fs2.stats.chunks_fetched == 1
+        assert store.stats()["corrupt"] == 1
+        fs3 = fresh()  # the refetched chunk went back into the cache
+        assert await fs3.read(_ino(fs3, "big/f4"), 0, 10**8) == want
+        assert fs3.stats.store_hits == 4 and fs3.stats.chunks_fetched == 0
 
     asyncio.run(run())
