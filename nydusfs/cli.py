@@ -68,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--background", action="store_true",
                    help="return once the mount is ready, leaving a daemon serving it")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)  # used by --background
+    m.add_argument("--log-file", type=Path, help=argparse.SUPPRESS)  # used by --background
 
     u = sub.add_parser("umount", help="unmount a nydusfs mount (the daemon then exits)")
     u.add_argument("mountpoint", type=Path)
@@ -196,7 +197,8 @@ def _cmd_mount(args: argparse.Namespace) -> int:
 
     if args.background:
         return mount_background(args.bootstrap, args.mountpoint, args.config)
-    return mount_foreground(args.bootstrap, args.mountpoint, args.config, args.ready_fd)
+    return mount_foreground(args.bootstrap, args.mountpoint, args.config, args.ready_fd,
+                            args.log_file)
 
 
 def _cmd_umount(args: argparse.Namespace) -> int:

@@ -35,7 +35,11 @@ READY_TIMEOUT = 60.0
 
 
 def mount_foreground(
-    bootstrap: Path, mountpoint: Path, config_path: Path | None, ready_fd: int | None = None
+    bootstrap: Path,
+    mountpoint: Path,
+    config_path: Path | None,
+    ready_fd: int | None = None,
+    log_file: Path | None = None,
 ) -> int:
     from nydusfs.config import load_config
     from nydusfs.format.reader import Bootstrap
@@ -82,6 +86,9 @@ def mount_foreground(
         if trace is not None:
             trace.close()
         boot.close()
+    # A daemon's log that stayed empty says nothing: do not leave it behind.
+    if log_file is not None and log_file.exists() and log_file.stat().st_size == 0:
+        log_file.unlink()
     return 0
 
 
@@ -158,7 +165,7 @@ def mount_background(bootstrap: Path, mountpoint: Path, config_path: Path | None
     log = tempfile.NamedTemporaryFile(  # noqa: SIM115 (handed to the child, kept on success)
         prefix="nydusfs-mount-", suffix=".log", delete=False)
     cmd = [sys.executable, "-m", "nydusfs.cli", "mount", str(bootstrap), str(mountpoint),
-           "--ready-fd", str(w)]
+           "--ready-fd", str(w), "--log-file", log.name]
     if config_path is not None:
         cmd += ["--config", str(config_path)]
     try:
