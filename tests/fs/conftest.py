@@ -145,7 +145,7 @@ class NydusMount:
         pytest.fail(f"mount daemon {self.pid} still running after umount")
 
 
-MountFactory = Callable[[Path], NydusMount]
+MountFactory = Callable[..., NydusMount]  # (image dir, config: Path | None = None)
 
 
 @pytest.fixture
@@ -155,8 +155,8 @@ def nydus_mount(tmp_path: Path) -> Iterator[MountFactory]:
         pytest.skip("needs root and /dev/fuse")
     mounts: list[NydusMount] = []
 
-    def mount(image: Path) -> NydusMount:
-        m = NydusMount(image / "bootstrap", tmp_path / f"nydus{len(mounts)}")
+    def mount(image: Path, config: Path | None = None) -> NydusMount:
+        m = NydusMount(image / "bootstrap", tmp_path / f"nydus{len(mounts)}", config)
         mounts.append(m)
         return m
 

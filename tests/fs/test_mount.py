@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -17,7 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,8 @@ from treegen import snapshot_tree
 
 from nydusfs.builder import BuildOptions, build
 from nydusfs.format.reader import Bootstrap
+
+from .conftest import MountFactory
 
 NYDUSFS = [sys.executable, "-m", "nydusfs.cli"]
 
@@ -40,65 +41,16 @@ def _run(*args: object) -> subprocess.CompletedProcess[str]:
                           timeout=120, check=False)
 
 
-class Mounted:
-    def __init__(self, image: Path, mnt: Path, config: Path | None = None) -> None:
-        self.image = image
-        self.mnt = mnt
-        mnt.mkdir(parents=True, exist_ok=True)
-        extra = ["--config", config] if config is not None else []
-        proc = _run("mount", image / "bootstrap", mnt, "--background", *extra)
-        assert proc.returncode == 0, proc.stderr
-        m = re.search(r"daemon pid (\d+)", proc.stdout)
-        assert m, proc.stdout
-        self.pid = int(m.group(1))
-        assert os.path.ismount(mnt)
-
-    def close(self) -> None:
-        if os.path.ismount(self.mnt):
-            proc = _run("umount", self.mnt)
-            assert proc.returncode == 0, proc.stderr
-        for _ in range(200):  # the daemon exits once unmounted (bounded wait, 10 s)
-            if not _alive(self.pid):
-                return
-            time.sleep(0.05)
-        os.kill(self.pid, signal.SIGKILL)
-        pytest.fail(f"mount daemon {self.pid} still running after umount")
-
-
-def _alive(pid: int) -> bool:
-    """Running (not gone, not a zombie nobody reaped: the daemon is not our child)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-@pytest.fixture
-def mount_image(tmp_path: Path) -> Iterator[Callable[..., Mounted]]:
-    mounts: list[Mounted] = []
-
-    def mount(image: Path, config: Path | None = None) -> Mounted:
-        m = Mounted(image, tmp_path / f"mnt{len(mounts)}", config)
-        mounts.append(m)
-        return m
-
-    yield mount
-    for m in mounts:
-        m.close()
-
-
 def _build(src: Path, out: Path) -> Path:
     build([str(src)], out, BuildOptions())
     return out
 
 
-MountFn = Callable[..., "Mounted"]
-
-
-def test_mounted_tree_equals_source(full_tree: Path, tmp_path: Path, mount_image: MountFn) -> None:
+def test_mounted_tree_equals_source(
+    full_tree: Path, tmp_path: Path, nydus_mount: MountFactory
+) -> None:
     image = _build(full_tree, tmp_path / "image")
-    m = mount_image(image)
+    m = nydus_mount(image)
     want = snapshot_tree(full_tree)
     got = snapshot_tree(m.mnt)
     assert sorted(got) == sorted(want)
@@ -116,7 +68,9 @@ def _small_tree(root: Path) -> None:
     (root / "sub" / "c").write_bytes(os.urandom(100_000))
 
 
-def test_corrupt_chunk_gives_eio_for_that_file_only(tmp_path: Path, mount_image: MountFn) -> None:
+def test_corrupt_chunk_gives_eio_for_that_file_only(
+    tmp_path: Path, nydus_mount: MountFactory
+) -> None:
     _small_tree(tmp_path / "src")
     image = _build(tmp_path / "src", tmp_path / "image")
     with Bootstrap.open(image / "bootstrap") as boot:
@@ -125,7 +79,7 @@ def test_corrupt_chunk_gives_eio_for_that_file_only(tmp_path: Path, mount_image:
     data = bytearray(blob.read_bytes())
     data[ref.chunk.compressed_offset + 10] ^= 0xFF
     blob.write_bytes(bytes(data))
-    m = mount_image(image)
+    m = nydus_mount(image)
     with open(m.mnt / "a", "rb") as f:
         assert f.read(4096) == (tmp_path / "src" / "a").read_bytes()[:4096]  # chunk 0 is fine
         f.seek(ref.file_offset)
@@ -136,9 +90,9 @@ def test_corrupt_chunk_gives_eio_for_that_file_only(tmp_path: Path, mount_image:
     assert (m.mnt / "sub" / "c").read_bytes() == (tmp_path / "src" / "sub" / "c").read_bytes()
 
 
-def test_read_only(tmp_path: Path, mount_image: MountFn) -> None:
+def test_read_only(tmp_path: Path, nydus_mount: MountFactory) -> None:
     _small_tree(tmp_path / "src")
-    m = mount_image(_build(tmp_path / "src", tmp_path / "image"))
+    m = nydus_mount(_build(tmp_path / "src", tmp_path / "image"))
     def append() -> None:
         with open(m.mnt / "b", "ab") as f:
             f.write(b"x")
@@ -201,7 +155,7 @@ def _stat(mnt: Path) -> dict[str, Any]:
 
 
 def test_prefetch_all_into_cache_survives_losing_the_blobs(tmp_path: Path,
-                                                            mount_image: MountFn) -> None:
+                                                            nydus_mount: MountFactory) -> None:
     _small_tree(tmp_path / "src")
     image = _build(tmp_path / "src", tmp_path / "image")
     cfg = tmp_path / "mount.yaml"
@@ -212,7 +166,7 @@ def test_prefetch_all_into_cache_survives_losing_the_blobs(tmp_path: Path,
         "prefetch: {all: true, bandwidth: 0, concurrency: 2}\n"
         f"metrics: 127.0.0.1:{port}\n"
         f"access_trace: {tmp_path / 'trace'}\n")
-    m = mount_image(image, cfg)
+    m = nydus_mount(image, cfg)
     _wait_for(lambda: _stat(m.mnt).get("prefetch", {}).get("state") == "done", "prefetch")
     status = _stat(m.mnt)
     assert status["prefetch"]["done_chunks"] == status["prefetch"]["total_chunks"] > 0
@@ -225,7 +179,7 @@ def test_prefetch_all_into_cache_survives_losing_the_blobs(tmp_path: Path,
     m.close()
     assert (tmp_path / "trace").read_bytes().splitlines() == [b"/a", b"/b", b"/sub/c"]
     # A second mount of the same image reads from the cache (blobs still gone).
-    m2 = mount_image(image, _no_prefetch(tmp_path))
+    m2 = nydus_mount(image, _no_prefetch(tmp_path))
     assert (m2.mnt / "sub" / "c").read_bytes() == (tmp_path / "src" / "sub" / "c").read_bytes()
     assert _stat(m2.mnt)["read"]["store_hits"] >= 1
 
@@ -244,7 +198,9 @@ def _free_port() -> int:
         return port
 
 
-def test_reading_one_file_fetches_only_its_chunks(tmp_path: Path, mount_image: MountFn) -> None:
+def test_reading_one_file_fetches_only_its_chunks(
+    tmp_path: Path, nydus_mount: MountFactory
+) -> None:
     src = tmp_path / "src"
     src.mkdir()
     for i in range(6):
@@ -252,7 +208,7 @@ def test_reading_one_file_fetches_only_its_chunks(tmp_path: Path, mount_image: M
     image = _build(src, tmp_path / "image")
     cfg = tmp_path / "m.yaml"
     cfg.write_text("read: {merge_window: 0, readahead_chunks: 0}\n")
-    m = mount_image(image, cfg)
+    m = nydus_mount(image, cfg)
     assert (m.mnt / "f3").read_bytes() == (src / "f3").read_bytes()
     status = _stat(m.mnt)
     with Bootstrap.open(image / "bootstrap") as boot:
@@ -277,19 +233,21 @@ def _ls_lr(root: Path) -> str:
 
 
 def test_ls_lr_output_equals_the_source(full_tree: Path, tmp_path: Path,
-                                        mount_image: MountFn) -> None:
-    m = mount_image(_build(full_tree, tmp_path / "image"))
+                                        nydus_mount: MountFactory) -> None:
+    m = nydus_mount(_build(full_tree, tmp_path / "image"))
     want, got = _ls_lr(full_tree), _ls_lr(m.mnt)
     assert want.count("\n") > 100
     assert got == want
 
 
-def test_32_concurrent_readers_get_the_right_bytes(tmp_path: Path, mount_image: MountFn) -> None:
+def test_32_concurrent_readers_get_the_right_bytes(
+    tmp_path: Path, nydus_mount: MountFactory
+) -> None:
     src = tmp_path / "src"
     src.mkdir()
     for i in range(4):
         (src / f"f{i}").write_bytes(os.urandom(5 << 20))
-    m = mount_image(_build(src, tmp_path / "image"))
+    m = nydus_mount(_build(src, tmp_path / "image"))
     want = {i: (src / f"f{i}").read_bytes() for i in range(4)}
 
     def reader(k: int) -> bool:
