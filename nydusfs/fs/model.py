@@ -438,10 +438,12 @@ class ImageFS:
                         self._lru.put(d, data)
                     futs[d].set_result(data)
                 result.update(fetched)
-            except FsError as exc:
+            except BaseException as exc:
+                # Waiters share this fetch: they must never hang, even if it was cancelled.
+                err = exc if isinstance(exc, FsError) else FsError(errno.EIO, "fetch interrupted")
                 for f in futs.values():
                     if not f.done():
-                        f.set_exception(exc)
+                        f.set_exception(err)
                         f.exception()  # mark retrieved: waiters may not exist
                 raise
             finally:

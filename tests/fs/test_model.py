@@ -262,3 +262,32 @@ def test_tampered_disk_cache_entry_is_dropped_and_refetched(
         assert fs3.stats.store_hits == 4 and fs3.stats.chunks_fetched == 0
 
     asyncio.run(run())
+
+
+def test_cancelled_fetch_does_not_strand_readers_sharing_it(image: tuple[Path, Path]) -> None:
+    """A reader waiting on another reader's fetch gets EIO if that fetch is cancelled."""
+    src, img = image
+    blobs = {p.name: p.read_bytes() for p in (img / "blobs").iterdir()}
+    gate = asyncio.Event()
+
+    class Stalling(MemoryBackend):
+        async def read_many(self, requests: Sequence[RangeRequest]) -> list[bytes]:
+            await gate.wait()
+            return await super().read_many(requests)
+
+    fs = ImageFS(Bootstrap.open(img / "bootstrap"), Stalling(blobs))
+
+    async def run() -> None:
+        ino = _ino(fs, "big/f0")
+        owner = asyncio.ensure_future(fs.read(ino, 0, 100))
+        await asyncio.sleep(0)  # the owner starts the fetch
+        waiter = asyncio.ensure_future(fs.read(ino, 50, 100))
+        await asyncio.sleep(0)
+        owner.cancel()
+        with pytest.raises(FsError) as info:
+            await asyncio.wait_for(waiter, timeout=30)  # a bound, not a timing assertion
+        assert info.value.errno == errno.EIO
+        gate.set()
+        assert await fs.read(ino, 0, 10) == (src / "big" / "f0").read_bytes()[:10]
+
+    asyncio.run(run())
