@@ -146,13 +146,18 @@ class _Services:
         if cfg.metrics is not None:
             server = await asyncio.to_thread(start_metrics_server, self.metrics,
                                              cfg.metrics.host, cfg.metrics.port)
-        api = await start_api(api_socket_path(self.mountpoint), self.status)
+        try:
+            api = await start_api(api_socket_path(self.mountpoint), self.status)
+        except (OSError, NydusfsError) as exc:  # status is a convenience, the mount is the job
+            print(f"nydusfs: warning: status API unavailable: {exc}", file=sys.stderr)
+            api = None
 
         async def stop() -> None:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await api.close()
+            if api is not None:
+                await api.close()
             if server is not None:
                 server.close()
 
