@@ -128,3 +128,12 @@ def load_result(name: str) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data
+
+
+def process_alive(pid: int) -> bool:
+    """Running: not gone and not a zombie (a mount daemon is not our child; nobody reaps it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")

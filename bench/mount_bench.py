@@ -24,19 +24,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchlib import CACHE_DIR, REPO_DIR, drop_caches, machine_info, median, save_result
+from benchlib import (
+    CACHE_DIR,
+    REPO_DIR,
+    drop_caches,
+    machine_info,
+    median,
+    process_alive,
+    save_result,
+)
 from lookup_bench import build as build_bootstrap
 
 NYDUSFS = [sys.executable, "-m", "nydusfs.cli"]
 WAIT = 60.0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
 def mount_once(bootstrap: Path, mnt: Path, deep: str) -> tuple[float, float, float]:
@@ -60,7 +60,7 @@ def mount_once(bootstrap: Path, mnt: Path, deep: str) -> tuple[float, float, flo
         subprocess.run([*NYDUSFS, "umount", str(mnt)], capture_output=True, timeout=WAIT,
                        check=False)
         deadline = time.monotonic() + WAIT
-        while pid is not None and _alive(pid):
+        while pid is not None and process_alive(pid):
             if time.monotonic() > deadline:
                 os.kill(pid, signal.SIGKILL)
                 break

@@ -50,6 +50,7 @@ from benchlib import (
     drop_caches,
     machine_info,
     median,
+    process_alive,
     save_result,
     tool_version,
 )
@@ -72,14 +73,6 @@ def sh(cmd: str, timeout: float = 600.0) -> float:
     subprocess.run(["bash", "-o", "pipefail", "-c", cmd], check=True, timeout=timeout,
                    stdout=subprocess.DEVNULL)
     return time.perf_counter() - t0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
 def _wait_until(cond: Callable[[], bool], what: str) -> None:
@@ -137,7 +130,7 @@ class Nydusfs(Target):
         if self.pid is not None:
             pid = self.pid
             try:
-                _wait_until(lambda: not _alive(pid), f"nydusfs daemon {pid} to exit")
+                _wait_until(lambda: not process_alive(pid), f"nydusfs daemon {pid} to exit")
             except RuntimeError:
                 os.kill(pid, signal.SIGKILL)
             self.pid = None

@@ -35,7 +35,7 @@ from nydusfs.builder.dirsource import open_file, scan_directory
 from nydusfs.builder.ocisource import open_oci_layout, parse_oci_ref
 from nydusfs.builder.pipeline import AssembledBlobs, ChunkPipeline, Spool
 from nydusfs.builder.tarsource import TarLayers
-from nydusfs.builder.tree import Node, inode_order, layout_order
+from nydusfs.builder.tree import Node, inode_order, layout_order, resolve
 from nydusfs.errors import BuildError, SourceError
 from nydusfs.format import layout as L
 from nydusfs.format.chunk import DEFAULT_ZSTD_LEVEL
@@ -118,41 +118,13 @@ class _Progress:
             self._bar.close()
 
 
-def _resolve_in_tree(root: Node, path: bytes) -> Node | None:
-    """Follow ``path`` in the tree, symlinks included (within the tree), for prefetch paths."""
-    stack = [root]
-    todo = [c for c in path.split(b"/")]
-    hops = 0
-    while todo:
-        comp = todo.pop(0)
-        if comp in (b"", b"."):
-            continue
-        if comp == b"..":
-            if len(stack) > 1:
-                stack.pop()
-            continue
-        cur = stack[-1]
-        if not cur.is_dir():
-            return None
-        child = cur.kids().get(comp)
-        if child is None:
-            return None
-        if stat.S_ISLNK(child.mode):
-            hops += 1
-            if hops > 40:
-                return None
-            if child.target.startswith(b"/"):
-                stack = [root]
-            todo = child.target.split(b"/") + todo
-            continue
-        stack.append(child)
-    return stack[-1]
-
-
 def _prefetch_nodes(root: Node, paths: Sequence[bytes], warn: Callable[[str], None]) -> list[Node]:
     out: list[Node] = []
     for p in paths:
-        node = _resolve_in_tree(root, p)
+        try:
+            node = resolve(root, p.split(b"/"))
+        except SourceError:  # a symlink loop: as unusable as a missing path
+            node = None
         if node is None:
             warn(f"prefetch: {p.decode('utf-8', 'backslashreplace')} not in the image, skipped")
         elif node.is_reg():

@@ -33,7 +33,7 @@ from typing import Any, BinaryIO
 import zstandard
 
 from nydusfs.builder.pipeline import ChunkPipeline
-from nydusfs.builder.tree import Node, check_xattrs, new_dir
+from nydusfs.builder.tree import Node, check_xattrs, new_dir, resolve
 from nydusfs.errors import NydusfsError, SourceError
 from nydusfs.format.layout import MAX_NAME_LEN, MAX_SYMLINK_LEN
 
@@ -42,7 +42,6 @@ __all__ = ["TarLayers", "open_layer_stream"]
 WHITEOUT = b".wh."
 OPAQUE = b".wh..wh..opq"
 AUFS_META = b".wh..wh."  # .wh..wh.plnk/, .wh..wh.orph/: aufs bookkeeping
-_MAX_SYMLINK_HOPS = 40
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
@@ -179,41 +178,22 @@ class TarLayers:
 
     def _walk_dirs(self, comps: list[bytes], what: str) -> Node:
         """The directory at ``comps``: missing ones created, symlinks followed in the tree."""
-        stack: list[Node] = [self.root]
-        todo = list(comps)
-        hops = 0
-        while todo:
-            comp = todo.pop(0)
-            if comp == b"..":
-                if len(stack) > 1:
-                    stack.pop()
-                continue
-            if comp in (b"", b"."):
-                continue
-            cur = stack[-1]
-            child = cur.kids().get(comp)
-            if child is None:
-                child = cur.kids()[comp] = new_dir(layer=self.layer)
-            elif stat.S_ISLNK(child.mode):
-                hops += 1
-                if hops > _MAX_SYMLINK_HOPS:
-                    raise SourceError(f"{what}: too many levels of symbolic links")
-                if child.target.startswith(b"/"):
-                    stack = [self.root]
-                todo = child.target.split(b"/") + todo
-                continue
-            elif not child.is_dir():
-                # A file where a directory is needed: the later entry wins, as on extraction.
-                child = cur.kids()[comp] = new_dir(layer=self.layer)
-            stack.append(child)
-        return stack[-1]
+        try:
+            node = resolve(self.root, comps, create_layer=self.layer)
+        except SourceError as exc:
+            raise SourceError(f"{what}: {exc}") from exc
+        assert node is not None  # creating never fails to find
+        return node
 
     def _lookup(self, comps: list[bytes], what: str) -> Node | None:
-        """The node at ``comps`` (final component not followed), or None."""
+        """The node at ``comps`` (final component not followed), or None. Changes nothing."""
         if not comps:
             return self.root
-        parent = self._walk_dirs(comps[:-1], what)
-        return parent.kids().get(comps[-1])
+        try:
+            parent = resolve(self.root, comps[:-1])
+        except SourceError as exc:
+            raise SourceError(f"{what}: {exc}") from exc
+        return parent.kids().get(comps[-1]) if parent is not None and parent.is_dir() else None
 
     # ---- applying a layer ---------------------------------------------------------------
 

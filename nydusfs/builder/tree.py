@@ -18,7 +18,9 @@ from collections.abc import Iterator
 from nydusfs.errors import SourceError
 from nydusfs.format import layout as L
 
-__all__ = ["Node", "check_xattrs", "inode_order", "layout_order", "new_dir"]
+__all__ = ["Node", "check_xattrs", "inode_order", "layout_order", "new_dir", "resolve"]
+
+MAX_SYMLINK_HOPS = 40  # as Linux's path walk
 
 
 class Node:
@@ -86,6 +88,47 @@ def check_xattrs(xattrs: dict[bytes, bytes], what: str) -> dict[bytes, bytes]:
     if total > L.MAX_XATTR_TOTAL:
         raise SourceError(f"{what}: xattrs exceed {L.MAX_XATTR_TOTAL} bytes in all")
     return xattrs
+
+
+def resolve(root: Node, comps: list[bytes], *, create_layer: int | None = None) -> Node | None:
+    """Follow ``comps`` from ``root`` the way containerd's RootPath does: symlinks are resolved
+    *inside the tree* (absolute targets from ``root``), ``..`` never climbs above ``root``.
+
+    With ``create_layer`` every component must end up a directory, as on extraction: missing
+    ones are created (implicit directories of that layer) and non-directories replaced.
+    Without it, nothing changes: None if a component is missing or not a directory, and the
+    last component may be any file (symlinks included are followed).
+    Raises ``SourceError`` for a symlink loop.
+    """
+    stack = [root]
+    todo = list(comps)
+    hops = 0
+    while todo:
+        comp = todo.pop(0)
+        if comp in (b"", b"."):
+            continue
+        if comp == b"..":
+            if len(stack) > 1:
+                stack.pop()
+            continue
+        cur = stack[-1]
+        if not cur.is_dir():
+            return None  # a file in the middle of a path (never when creating)
+        child = cur.kids().get(comp)
+        if child is not None and stat.S_ISLNK(child.mode):
+            hops += 1
+            if hops > MAX_SYMLINK_HOPS:
+                raise SourceError("too many levels of symbolic links")
+            if child.target.startswith(b"/"):
+                stack = [root]
+            todo = child.target.split(b"/") + todo
+            continue
+        if create_layer is not None and (child is None or not child.is_dir()):
+            child = cur.kids()[comp] = new_dir(layer=create_layer)
+        elif child is None:
+            return None
+        stack.append(child)
+    return stack[-1]
 
 
 def _sorted_items(d: Node) -> list[tuple[bytes, Node]]:

@@ -108,3 +108,18 @@ def test_cli_prefetch_file_with_comments_and_missing_paths(src: Path, tmp_path: 
     missing = run_cli("build", src, "-o", tmp_path / "out2", "--prefetch", tmp_path / "nope")
     assert missing.returncode == 1 and "nydusfs: error:" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_prefetch_paths_through_symlinks_loops_and_files(src: Path, tmp_path: Path) -> None:
+    """Prefetch paths are resolved inside the image: symlinks followed (absolute ones from the
+    image root), a symlink loop or a path through a regular file is a warning, not a failure."""
+    os.symlink("loop-b", src / "loop-a")
+    os.symlink("loop-a", src / "loop-b")
+    os.symlink("/bin", src / "abs-bin")
+    res = build_image([src], tmp_path / "out",
+                      prefetch=[b"/loop-a/x", b"/bin/tool/x", b"/abs-bin/tool"])
+    assert len(res.warnings) == 2
+    assert any("loop-a" in w for w in res.warnings)
+    assert any("bin/tool/x" in w for w in res.warnings)
+    with Bootstrap.open(tmp_path / "out" / "bootstrap") as boot:
+        assert boot.prefetch() == [boot.resolve("/bin/tool").ino]
