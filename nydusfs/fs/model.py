@@ -456,8 +456,13 @@ class ImageFS:
     async def _from_store(self, wanted: dict[bytes, ChunkRecord]) -> dict[bytes, bytes]:
         """Chunks the disk store holds (verified there); counts hits and misses."""
         found: dict[bytes, bytes] = {}
-        for d, rec in wanted.items():
-            data = await self.store.get(d, rec.uncompressed_size) if self.store else None
+        store = self.store
+        if store is not None:  # the lookups run in threads: issue them together
+            datas = await asyncio.gather(*(store.get(d, rec.uncompressed_size)
+                                           for d, rec in wanted.items()))
+        else:
+            datas = [None] * len(wanted)
+        for d, data in zip(wanted, datas, strict=True):
             if data is not None:
                 found[d] = data
                 self.stats.store_hits += 1
