@@ -17,13 +17,17 @@ STAMP := $(VENV)/.dfnydus-installed
 # System packages: FUSE (runtime + headers, pyfuse3 is built from source), a compiler, Python
 # headers and venv, the tools the benchmarks compare against (mksquashfs, squashfuse, zstd),
 # umoci + skopeo, which the tests use to write real OCI image layouts, and runc, which the tests
-# and benchmarks run containers with (rootfs on a nydusfs mount).
+# and benchmarks run containers with (rootfs on a nydusfs mount), and docker-registry
+# (distribution), the real registry the tests, demo and benchmarks push to and mount from, and
+# redis-server, the supernode's shared peer store in tests; iproute2 (ip, tc) shapes links
+# between network namespaces in benchmarks.
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev \
-                squashfs-tools squashfuse zstd umoci skopeo runc
+                squashfs-tools squashfuse zstd umoci skopeo runc docker-registry \
+                redis-server iproute2
 BENCH_RUNS ?= 3
 
 .PHONY: help setup system-packages venv demo lint test bench bench-rootfs bench-lookup \
-        bench-build bench-read bench-report clean distclean
+        bench-build bench-read bench-convert bench-coldstart bench-report clean distclean
 
 help:
 	@echo "make demo       set up, then build/inspect/check a sample image (scripts/demo.sh)"
@@ -31,6 +35,8 @@ help:
 	@echo "make lint       ruff check and mypy only"
 	@echo "make bench      run bench/ (BENCH_RUNS=$(BENCH_RUNS)) and regenerate docs/benchmarks.md"
 	@echo "make bench-read reads through nydusfs/squashfuse mounts, mount time (root, /dev/fuse)"
+	@echo "make bench-convert    nydusfs convert vs skopeo copy in a local registry (root)"
+	@echo "make bench-coldstart  container cold start over a shaped link: lazy mount vs full pull"
 	@echo "make setup      apt packages (only if missing) + $(VENV) with the package (editable, dev extras)"
 	@echo "make clean      remove caches and bench/.cache;  make distclean  also removes $(VENV)"
 
@@ -77,7 +83,7 @@ test: lint
 # Benchmarks are not tests: they measure ratios against a baseline run in the same session and
 # write docs/benchmarks.md. Each step can be run alone; bench-report merges whatever results
 # bench/.cache/results/ holds.
-bench: bench-lookup bench-build bench-read bench-report
+bench: bench-lookup bench-build bench-read bench-convert bench-coldstart bench-report
 
 bench-rootfs: setup
 	bench/rootfs.sh
@@ -93,6 +99,15 @@ bench-build: bench-rootfs
 bench-read: bench-rootfs
 	$(BIN)/python bench/read_bench.py --runs $(BENCH_RUNS)
 	$(BIN)/python bench/mount_bench.py --runs $$(( $(BENCH_RUNS) > 5 ? $(BENCH_RUNS) : 5 ))
+
+# nydusfs convert vs skopeo copy of a 5-layer python3 image in a local docker-registry (root).
+bench-convert: setup
+	$(BIN)/python bench/convert_bench.py --runs $(BENCH_RUNS)
+
+# Cold start over a shaped link (2 netns + tc tbf, 3 and 12.5 MB/s): full pull vs lazy mount
+# from the registry. Needs root, /dev/fuse, runc, skopeo, umoci, tc/ip (iproute2), nsenter.
+bench-coldstart: setup
+	$(BIN)/python bench/coldstart_bench.py --runs $(BENCH_RUNS)
 
 bench-report: setup
 	$(BIN)/python bench/report.py

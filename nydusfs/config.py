@@ -41,6 +41,8 @@ __all__ = [
     "MountConfig",
     "PrefetchConfig",
     "ReadConfig",
+    "RegistryConfig",
+    "S3Config",
     "load_config",
     "parse_config",
 ]
@@ -65,12 +67,52 @@ class MemoryConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RegistryConfig:
+    """Where an image's blobs live in an OCI registry, and how to reach it.
+
+    ``nydusfs mount REF`` fills ``host`` and ``repository`` from the reference; a config file
+    may set them for a bootstrap mounted from disk whose blobs live in a registry.
+    """
+
+    host: str | None = None  # registry host[:port], e.g. ghcr.io or 127.0.0.1:5000
+    repository: str | None = None  # e.g. library/python
+    plain_http: bool | None = None  # None: HTTP on loopback (as docker does), HTTPS elsewhere
+    insecure_skip_verify: bool = False  # TLS without certificate checks
+    ca_file: Path | None = None  # extra CA bundle (PEM) for the registry's certificate
+    auth_file: Path | None = None  # docker-style config.json; None: the usual places
+    username: str | None = None  # with password: Basic / token credentials, over auth_file
+    password: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class S3Config:
+    """An S3-compatible bucket holding blobs as ``<prefix>/<sha256 hex>``.
+
+    Keys left unset come from ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` (and
+    ``AWS_SESSION_TOKEN``); with no keys at all, requests are sent unsigned.
+    """
+
+    bucket: str = ""
+    endpoint: str | None = None  # None: AWS, https://s3.<region>.amazonaws.com
+    region: str = "us-east-1"
+    prefix: str = ""
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    session_token: str | None = None
+    addressing: str | None = None  # path | virtual; None: path with an endpoint, else virtual
+    insecure_skip_verify: bool = False
+    ca_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class BackendConfig:
     type: str = "localfs"
     timeout: float = 30.0  # seconds per attempt; then the attempt counts as unavailable
     attempts: int = 4  # tries per read for transient failures (1 = no retry)
     localfs: LocalFsConfig = field(default_factory=LocalFsConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    s3: S3Config = field(default_factory=S3Config)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,10 +215,13 @@ def parse_config(raw: object, *, base_dir: Path) -> MountConfig:
 def _backend(raw: object, base_dir: Path) -> BackendConfig:
     if isinstance(raw, str):
         check_backend_type(raw, "backend")
+        if raw == "s3":
+            raise ConfigError("backend: backend s3 needs a bucket "
+                              "(backend: {type: s3, s3: {bucket: ...}})")
         return BackendConfig(type=raw)
     d = _section(raw, "backend")
-    _check_keys(d, "backend", ("type", "timeout", "attempts", "localfs", "memory"),
-                reserved=True)
+    _check_keys(d, "backend", ("type", "timeout", "attempts", "localfs", "memory", "registry",
+                               "s3"), reserved=True)
     if d.get("type") is None:
         raise ConfigError("backend.type: required (e.g. localfs)")
     kind = d["type"]
@@ -206,7 +251,73 @@ def _backend(raw: object, base_dir: Path) -> BackendConfig:
                 raise ConfigError(f"backend.memory.blobs.{name}: expected bytes or a string")
             out[name] = value
         kw["memory"] = MemoryConfig(blobs=out)
+    if "registry" in d:
+        kw["registry"] = _registry(d["registry"], base_dir)
+    if "s3" in d:
+        kw["s3"] = _s3(d["s3"], base_dir)
+    if kind == "s3":
+        s3 = kw.get("s3")
+        if not isinstance(s3, S3Config) or not s3.bucket:
+            raise ConfigError("backend.s3.bucket: required for backend s3")
     return BackendConfig(**kw)  # type: ignore[arg-type]
+
+
+def _registry(raw: object, base_dir: Path) -> RegistryConfig:
+    where = "backend.registry"
+    d = _section(raw, where)
+    _check_keys(d, where, ("host", "repository", "plain_http", "insecure_skip_verify",
+                           "ca_file", "auth_file", "username", "password"))
+    kw: dict[str, object] = {}
+    for key in ("host", "repository", "username", "password"):
+        if d.get(key) is not None:
+            kw[key] = _str(d[key], f"{where}.{key}")
+    if d.get("plain_http") is not None:
+        kw["plain_http"] = _bool(d["plain_http"], f"{where}.plain_http")
+    if "insecure_skip_verify" in d:
+        kw["insecure_skip_verify"] = _bool(d["insecure_skip_verify"],
+                                           f"{where}.insecure_skip_verify")
+    for key in ("ca_file", "auth_file"):
+        if d.get(key) is not None:
+            kw[key] = _path(d[key], f"{where}.{key}", base_dir)
+    if ("username" in kw) != ("password" in kw):
+        raise ConfigError(f"{where}.password: username and password go together")
+    return RegistryConfig(**kw)  # type: ignore[arg-type]
+
+
+def _s3(raw: object, base_dir: Path) -> S3Config:
+    where = "backend.s3"
+    d = _section(raw, where)
+    _check_keys(d, where, ("bucket", "endpoint", "region", "prefix", "access_key_id",
+                           "secret_access_key", "session_token", "addressing",
+                           "insecure_skip_verify", "ca_file"))
+    kw: dict[str, object] = {}
+    for key in ("bucket", "endpoint", "region", "access_key_id", "secret_access_key",
+                "session_token"):
+        if d.get(key) is not None:
+            kw[key] = _str(d[key], f"{where}.{key}")
+    if d.get("prefix") is not None:
+        prefix = d["prefix"]
+        if not isinstance(prefix, str):
+            raise ConfigError(f"{where}.prefix: expected a string, got {_show(prefix)}")
+        kw["prefix"] = prefix.strip("/")
+    if d.get("endpoint") is not None and not str(kw["endpoint"]).startswith(
+            ("http://", "https://")):
+        raise ConfigError(f"{where}.endpoint: expected an http:// or https:// URL, "
+                          f"got {kw['endpoint']!r}")
+    if d.get("addressing") is not None:
+        mode = d["addressing"]
+        if mode not in ("path", "virtual"):
+            raise ConfigError(f"{where}.addressing: expected path or virtual, got {_show(mode)}")
+        kw["addressing"] = mode
+    if "insecure_skip_verify" in d:
+        kw["insecure_skip_verify"] = _bool(d["insecure_skip_verify"],
+                                           f"{where}.insecure_skip_verify")
+    if d.get("ca_file") is not None:
+        kw["ca_file"] = _path(d["ca_file"], f"{where}.ca_file", base_dir)
+    if ("access_key_id" in kw) != ("secret_access_key" in kw):
+        raise ConfigError(f"{where}.secret_access_key: access_key_id and secret_access_key "
+                          "go together")
+    return S3Config(**kw)  # type: ignore[arg-type]
 
 
 def _cache(raw: object, base_dir: Path) -> CacheConfig:
@@ -288,6 +399,12 @@ def _check_keys(d: Mapping[str, object], where: str, allowed: tuple[str, ...], *
 def _bool(value: object, where: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{where}: expected true or false, got {_show(value)}")
+    return value
+
+
+def _str(value: object, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: expected a non-empty string, got {_show(value)}")
     return value
 
 

@@ -12,7 +12,9 @@ line and exit non-zero instead of a traceback. Foreign exceptions (``OSError`` f
     ├── ConfigError          a configuration value is invalid; the message names the field
     └── StorageError         a backend could not deliver blob bytes
         ├── NotFoundError    the blob (or range) does not exist there: retrying will not help
-        └── UnavailableError transient: timeout, connection refused, 5xx; retry with backoff
+        ├── UnavailableError transient: timeout, connection refused, 5xx; retry with backoff
+        └── RegistryError    a registry refused in a way retrying will not fix (HTTP 4xx)
+            └── AuthError    401/403 after every credential there was (never shows secrets)
 
 Later layers (storage backends, the OCI client) keep *not found*, *unavailable (retry)* and
 *integrity* apart by subclassing here; ``IntegrityError`` is already separate so a reader can tell
@@ -22,12 +24,14 @@ Later layers (storage backends, the OCI client) keep *not found*, *unavailable (
 from __future__ import annotations
 
 __all__ = [
+    "AuthError",
     "BuildError",
     "ConfigError",
     "FormatError",
     "IntegrityError",
     "NotFoundError",
     "NydusfsError",
+    "RegistryError",
     "SourceError",
     "StorageError",
     "UnavailableError",
@@ -68,3 +72,17 @@ class NotFoundError(StorageError):
 
 class UnavailableError(StorageError):
     """A transient failure (timeout, refused connection, 5xx, EIO): worth retrying later."""
+
+
+class RegistryError(StorageError):
+    """An OCI registry said no in a way retrying will not fix: denied, unsupported, bad request.
+
+    The message carries the HTTP status and the registry's error code (``DENIED``,
+    ``MANIFEST_INVALID``, ...). 404s are :class:`NotFoundError`, 429/5xx after the retries
+    :class:`UnavailableError`.
+    """
+
+
+class AuthError(RegistryError):
+    """401/403 after trying the credentials there are; the message says which were tried
+    (anonymous, a config file entry, explicit, environment), never the secret itself."""

@@ -8,7 +8,7 @@ imports an HTTP or S3 client. Every backend is wrapped once, here, innermost fir
     CountingBackend(            counts what the filesystem asked for and got (tests, metrics)
       RetryingBackend(          retries UnavailableError: exponential backoff, full jitter
         TimeoutBackend(         each attempt bounded by backend.timeout -> UnavailableError
-          <the backend>)))      localfs | memory   (registry, s3: issue 4; dragonfly: issue 5)
+          <the backend>)))      localfs | memory | registry | s3   (dragonfly: issue 5)
 
 Timeout sits inside retry so a hung attempt is retried rather than ending the read; counting
 sits outside so retries do not inflate "what was fetched". The error contract (not found /
@@ -48,11 +48,13 @@ __all__ = [
 BACKENDS: dict[str, str] = {
     "localfs": "nydusfs.storage.localfs:from_config",
     "memory": "nydusfs.storage.memory:from_config",
+    "registry": "nydusfs.storage.registry:from_config",
+    "s3": "nydusfs.storage.s3:from_config",
 }
 
 # Names taken by backends of later issues (name -> issue number), so configs written for them
 # fail with a clear message instead of "unknown backend".
-RESERVED_BACKENDS: dict[str, int] = {"registry": 4, "s3": 4, "dragonfly": 5}
+RESERVED_BACKENDS: dict[str, int] = {"dragonfly": 5}
 
 # Backends whose blobs are already on a local disk (or in memory): a chunk cache only copies.
 LOCAL_BACKENDS: frozenset[str] = frozenset({"localfs", "memory"})

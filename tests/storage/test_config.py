@@ -117,21 +117,34 @@ def test_ipv6_metrics_address() -> None:
     ({"read": {"merge_window": "big"}}, "read.merge_window: invalid size 'big'"),
     ({"read": {"cache_chunks": -5}}, "read.cache_chunks: must be >= 0"),
     ({"read": {"readahead_chunks": "4"}}, "read.readahead_chunks: expected an integer"),
-    ({"backend": "ftp"}, "backend: unknown backend 'ftp' (known: localfs, memory)"),
-    ({"backend": "s3"}, "backend: backend 's3' is not implemented yet (issue 4)"),
+    ({"backend": "ftp"}, "backend: unknown backend 'ftp' (known: localfs, memory, registry, s3)"),
+    ({"backend": "s3"}, "backend: backend s3 needs a bucket"),
+    ({"backend": {"type": "s3"}}, "backend.s3.bucket: required for backend s3"),
+    ({"backend": {"type": "s3", "s3": {"bucket": "b", "addressing": "dns"}}},
+     "backend.s3.addressing: expected path or virtual"),
+    ({"backend": {"type": "s3", "s3": {"bucket": "b", "endpoint": "localhost:9000"}}},
+     "backend.s3.endpoint: expected an http:// or https:// URL"),
+    ({"backend": {"type": "s3", "s3": {"bucket": "b", "access_key_id": "k"}}},
+     "backend.s3.secret_access_key: access_key_id and secret_access_key go together"),
+    ({"backend": {"type": "s3", "s3": {"bucket": "b", "colour": "red"}}},
+     "backend.s3.colour: unknown key"),
+    ({"backend": {"type": "registry", "registry": {"username": "u"}}},
+     "backend.registry.password: username and password go together"),
+    ({"backend": {"type": "registry", "registry": {"plain_http": "yes"}}},
+     "backend.registry.plain_http: expected true or false"),
+    ({"backend": {"type": "registry", "registry": {"host": 5}}},
+     "backend.registry.host: expected a non-empty string"),
     ({"backend": {"type": "ftp"}},
-     "backend.type: unknown backend 'ftp' (known: localfs, memory)"),
+     "backend.type: unknown backend 'ftp' (known: localfs, memory, registry, s3)"),
     ({"backend": {"type": "dragonfly"}},
      "backend.type: backend 'dragonfly' is not implemented yet (issue 5)"),
-    ({"backend": {"type": "registry"}},
-     "backend.type: backend 'registry' is not implemented yet (issue 4)"),
     ({"backend": {"localfs": {"dir": "/x"}}}, "backend.type: required"),
     ({"backend": {"type": 3}}, "backend.type: expected a backend name"),
     ({"backend": {"type": "localfs", "localfs": {"dir": 5}}},
      "backend.localfs.dir: expected a non-empty path"),
     ({"backend": {"type": "localfs", "localfs": "/x"}}, "backend.localfs: expected a mapping"),
-    ({"backend": {"type": "localfs", "s3": {"bucket": "b"}}},
-     "backend.s3: backend 's3' is not implemented yet (issue 4)"),
+    ({"backend": {"type": "localfs", "dragonfly": {}}},
+     "backend.dragonfly: backend 'dragonfly' is not implemented yet (issue 5)"),
     ({"backend": {"type": "localfs", "timeout": 0}}, "backend.timeout: must be > 0"),
     ({"backend": {"type": "localfs", "attempts": 0}}, "backend.attempts: must be >= 1"),
     ({"backend": 7}, "backend: expected a mapping"),
@@ -171,3 +184,21 @@ def test_memory_blobs_from_yaml(tmp_path: Path) -> None:
     cfg = _load(tmp_path, "backend:\n  type: memory\n  memory:\n    blobs: {aa: text}\n")
     assert cfg.backend.memory.blobs == {"aa": b"text"}
     assert cfg.cache_enabled is False
+
+
+def test_registry_and_s3_sections(tmp_path: Path) -> None:
+    doc = {"backend": {"type": "s3", "s3": {
+        "bucket": "layers", "endpoint": "http://127.0.0.1:8333", "prefix": "/images/",
+        "access_key_id": "k", "secret_access_key": "s", "addressing": "virtual",
+        "ca_file": "ca.pem"}}}
+    s3 = parse_config(doc, base_dir=tmp_path).backend.s3
+    assert (s3.bucket, s3.endpoint, s3.prefix, s3.addressing) == (
+        "layers", "http://127.0.0.1:8333", "images", "virtual")
+    assert s3.ca_file == tmp_path / "ca.pem"
+    doc = {"backend": {"type": "registry", "registry": {
+        "host": "127.0.0.1:5000", "repository": "library/py", "plain_http": True,
+        "auth_file": "auth.json", "username": "u", "password": "p"}}}
+    reg = parse_config(doc, base_dir=tmp_path).backend.registry
+    assert (reg.host, reg.repository, reg.plain_http) == ("127.0.0.1:5000", "library/py", True)
+    assert reg.auth_file == tmp_path / "auth.json"
+    assert (reg.username, reg.password) == ("u", "p")
