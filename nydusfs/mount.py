@@ -4,6 +4,15 @@
 SIGINT, then unmounts cleanly. ``mount_background`` starts that same command as a detached
 daemon and returns only once the daemon says the mount is ready (through an inherited pipe),
 or reports the daemon's error if it failed — a caller never sees a half-ready mountpoint.
+
+The image is a bootstrap file or, when the argument is not an existing path, an image
+reference (``registry/repository:tag``). For a reference, the manifest and the bootstrap layer
+are fetched and checked against each other (``oci.image``: layer digest, unpacked digest, root
+digest, blob table), the bootstrap is kept as ``<cache.dir>/bootstraps/<sha256>`` (reused,
+after re-hashing, by the next mount of the same image), and blobs are read lazily from the
+same repository with the ``registry`` backend: host and repository from the reference, TLS
+and credentials from the config's ``backend.registry`` block, overridden by command-line
+flags (:class:`RemoteOptions`).
 """
 
 from __future__ import annotations
@@ -17,29 +26,173 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from nydusfs.config import MountConfig
+    from nydusfs.config import MountConfig, RegistryConfig
     from nydusfs.fs.model import ImageFS
     from nydusfs.fs.prefetch import Prefetcher
     from nydusfs.metrics import FsMetrics
+    from nydusfs.oci.reference import Reference
     from nydusfs.storage.cache import DiskChunkStore
 
 from nydusfs.errors import NydusfsError
 
-__all__ = ["mount_background", "mount_foreground", "unmount"]
+__all__ = ["RemoteOptions", "fetch_remote_bootstrap", "mount_background", "mount_foreground",
+           "resolve_image_arg", "unmount"]
 
 READY_TIMEOUT = 60.0
 
 
+@dataclass(frozen=True, slots=True)
+class RemoteOptions:
+    """Command-line registry settings for an image reference; set fields beat the config's
+    ``backend.registry`` block (``None``/``False`` leave the config's value)."""
+
+    platform: str = "linux/amd64"
+    plain_http: bool | None = None
+    insecure_skip_verify: bool = False
+    ca_file: Path | None = None
+    auth_file: Path | None = None
+    username: str | None = None
+    password: str | None = None
+
+    def argv(self) -> list[str]:
+        """The flags reproducing these options (without the password)."""
+        out = ["--platform", self.platform]
+        if self.plain_http:
+            out.append("--plain-http")
+        if self.insecure_skip_verify:
+            out.append("--insecure-skip-verify")
+        if self.ca_file is not None:
+            out += ["--ca-file", str(self.ca_file)]
+        if self.auth_file is not None:
+            out += ["--auth-file", str(self.auth_file)]
+        if self.username is not None:
+            out += ["--username", self.username]
+        return out
+
+    def apply(self, cfg: RegistryConfig, ref: Reference) -> RegistryConfig:
+        """``cfg`` for ``ref``'s repository with these options laid over it."""
+        kw: dict[str, object] = {"host": ref.registry, "repository": ref.repository}
+        if self.plain_http is not None:
+            kw["plain_http"] = self.plain_http
+        if self.insecure_skip_verify:
+            kw["insecure_skip_verify"] = True
+        for key in ("ca_file", "auth_file"):
+            if getattr(self, key) is not None:
+                kw[key] = getattr(self, key)
+        if self.username is not None or self.password is not None:
+            kw["username"], kw["password"] = self.username, self.password
+        return replace(cfg, **kw)  # type: ignore[arg-type]
+
+
+def resolve_image_arg(image: str | Path) -> Path | Reference:
+    """A bootstrap path when ``image`` names an existing file, else an image reference.
+
+    Something that looks like a path (``/...``, ``./...``, ``~...``) and does not exist is
+    reported as a missing file, not tried as a reference on Docker Hub.
+    """
+    from nydusfs.errors import ConfigError
+    from nydusfs.oci.reference import Reference
+
+    text = os.fspath(image)
+    if os.path.exists(text) or text.startswith(("/", ".", "~")):
+        return Path(text)
+    try:
+        return Reference.parse(text)
+    except ConfigError as exc:
+        raise NydusfsError(f"{text}: no such bootstrap file, and not an image reference "
+                           f"({str(exc).split(': ', 2)[-1]})") from exc
+
+
+def fetch_remote_bootstrap(ref: Reference, registry: RegistryConfig, *, cache_dir: Path,
+                           timeout: float, attempts: int, platform: str) -> Path:
+    """Fetch and check ``ref``'s bootstrap; return its path under ``cache_dir/bootstraps``.
+
+    A bootstrap already there (named by the sha256 of its bytes) is re-hashed and reused, so
+    a second mount of the same image costs one manifest request.
+    """
+    import asyncio
+    import hashlib
+
+    from nydusfs.format.reader import Bootstrap
+    from nydusfs.oci.client import ClientOptions, RegistryClient
+    from nydusfs.oci.image import check_bootstrap, open_bootstrap_layer, parse_image
+
+    options = ClientOptions.from_registry_config(registry, timeout=timeout, attempts=attempts)
+    where = str(ref)
+    store = cache_dir / "bootstraps"
+
+    async def run() -> Path:
+        async with RegistryClient(ref.registry, options) as client:
+            manifest = await client.get_manifest(ref.repository, ref.reference,
+                                                 platform=platform)
+            image = parse_image(manifest, where)
+            name = (image.bootstrap_digest or image.bootstrap.digest).split(":", 1)[1]
+            path = store / name
+            cached = await asyncio.to_thread(_read_if_intact, path, name)
+            if cached:
+                with Bootstrap.open(path) as boot:
+                    check_bootstrap(image, boot, where)
+                return path
+            layer = await client.get_blob(ref.repository, image.bootstrap.digest,
+                                          max_size=max(image.bootstrap.size, 1))
+        data = open_bootstrap_layer(image, layer, where)
+        assert hashlib.sha256(data).hexdigest() == name
+        await asyncio.to_thread(_write_atomic, path, data)
+        return path
+
+    return asyncio.run(run())
+
+
+def _read_if_intact(path: Path, sha256_hex: str) -> bool:
+    import hashlib
+
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return False
+    return hashlib.sha256(data).hexdigest() == sha256_hex
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".bootstrap-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as exc:
+        raise NydusfsError(f"{path}: cannot store the image's bootstrap: {exc.strerror}") from exc
+
+
+def _remote_config(config: MountConfig, ref: Reference, remote: RemoteOptions) -> MountConfig:
+    """The config for mounting ``ref``: the registry backend on its repository, unless the
+    config names another remote backend (``s3``, ``dragonfly``) or a ``localfs`` directory."""
+    backend = config.backend
+    registry = remote.apply(backend.registry, ref)
+    keep_type = backend.type != "localfs" or backend.localfs.dir is not None
+    backend = replace(backend, type=backend.type if keep_type else "registry",
+                      registry=registry)
+    return replace(config, backend=backend)
+
+
 def mount_foreground(
-    bootstrap: Path,
+    image: str | Path,
     mountpoint: Path,
     config_path: Path | None,
     ready_fd: int | None = None,
     log_file: Path | None = None,
+    remote: RemoteOptions | None = None,
 ) -> int:
     from nydusfs.config import load_config
     from nydusfs.format.reader import Bootstrap
@@ -51,6 +204,17 @@ def mount_foreground(
     config = load_config(config_path)
     if not mountpoint.is_dir():
         raise NydusfsError(f"{mountpoint}: mountpoint is not a directory")
+    target = resolve_image_arg(image)
+    if isinstance(target, Path):
+        bootstrap, label = target, target.name
+    else:
+        remote = remote or RemoteOptions()
+        config = _remote_config(config, target, remote)
+        bootstrap = fetch_remote_bootstrap(
+            target, config.backend.registry, cache_dir=config.cache.dir,
+            timeout=config.backend.timeout, attempts=config.backend.attempts,
+            platform=remote.platform)
+        label = str(target)
     boot = Bootstrap.open(bootstrap)
     backend = create_backend(config.backend, image_dir=bootstrap.resolve().parent)
     store = None
@@ -68,7 +232,8 @@ def mount_foreground(
     fs = ImageFS(boot, backend, cache_bytes=config.read.cache_chunks,
                  merge_window=config.read.merge_window, store=store, observer=metrics,
                  readahead_chunks=config.read.readahead_chunks, access_trace=trace)
-    services = _Services(fs, config, bootstrap, mountpoint, metrics, store)
+    services = _Services(fs, config, label if not isinstance(target, Path) else bootstrap,
+                         mountpoint, metrics, store)
 
     def ready() -> None:
         if ready_fd is not None:
@@ -77,7 +242,7 @@ def mount_foreground(
 
     try:
         serve(fs, str(mountpoint), allow_other=config.fuse.allow_other,
-              fsname=f"nydusfs:{bootstrap.name}", entry_timeout=config.fuse.entry_timeout,
+              fsname=f"nydusfs:{label}", entry_timeout=config.fuse.entry_timeout,
               attr_timeout=config.fuse.attr_timeout, on_ready=ready, services=services.start)
     except RuntimeError as exc:  # pyfuse3.init: mount(2) failed
         raise NydusfsError(f"{mountpoint}: cannot mount: {exc}") from exc
@@ -95,7 +260,8 @@ def mount_foreground(
 class _Services:
     """What runs beside a mount on its event loop: prefetch, the status API, metrics."""
 
-    def __init__(self, fs: ImageFS, config: MountConfig, bootstrap: Path, mountpoint: Path,
+    def __init__(self, fs: ImageFS, config: MountConfig, bootstrap: Path | str,
+                 mountpoint: Path,
                  metrics: FsMetrics, store: DiskChunkStore | None) -> None:
         self.fs = fs
         self.config = config
@@ -164,20 +330,32 @@ class _Services:
         return stop
 
 
-def mount_background(bootstrap: Path, mountpoint: Path, config_path: Path | None) -> int:
+def mount_background(image: str | Path, mountpoint: Path, config_path: Path | None,
+                     remote: RemoteOptions | None = None) -> int:
     """Start a daemon serving the mount; return 0 once it is ready (its PID is printed)."""
     r, w = os.pipe()
     log = tempfile.NamedTemporaryFile(  # noqa: SIM115 (handed to the child, kept on success)
         prefix="nydusfs-mount-", suffix=".log", delete=False)
-    cmd = [sys.executable, "-m", "nydusfs.cli", "mount", str(bootstrap), str(mountpoint),
+    cmd = [sys.executable, "-m", "nydusfs.cli", "mount", str(image), str(mountpoint),
            "--ready-fd", str(w), "--log-file", log.name]
     if config_path is not None:
         cmd += ["--config", str(config_path)]
+    fds = [w]
+    if remote is not None:
+        cmd += remote.argv()
+        if remote.password is not None:
+            # Through a pipe the daemon reads once: never in its argv or environment.
+            pr, pw = os.pipe()
+            os.write(pw, remote.password.encode())  # far below the pipe's buffer
+            os.close(pw)
+            fds.append(pr)
+            cmd += ["--password-fd", str(pr)]
     try:
-        child = subprocess.Popen(cmd, pass_fds=(w,), stdin=subprocess.DEVNULL,
+        child = subprocess.Popen(cmd, pass_fds=fds, stdin=subprocess.DEVNULL,
                                  stdout=log, stderr=log, start_new_session=True)
     finally:
-        os.close(w)
+        for fd in fds:
+            os.close(fd)
         log.close()
     try:
         deadline = time.monotonic() + READY_TIMEOUT
@@ -201,7 +379,7 @@ def mount_background(bootstrap: Path, mountpoint: Path, config_path: Path | None
         os.unlink(log.name)
         last = detail[-1].removeprefix("nydusfs: error: ") if detail else ""
         raise NydusfsError(last or f"mount daemon exited with status {child.returncode}")
-    print(f"mounted {bootstrap} at {mountpoint} (daemon pid {child.pid}, log {log.name})")
+    print(f"mounted {image} at {mountpoint} (daemon pid {child.pid}, log {log.name})")
     return 0
 
 

@@ -4,7 +4,9 @@ The orchestration layer of the builder. Steps, each a pure function of the input
 are reproducible byte for byte:
 
 1. Read the source into a ``Node`` tree: a directory (metadata only), or tar layers / an OCI
-   layout (applied lowest first; file data is chunked into the spool as it streams past).
+   layout / layer streams a caller supplies (``build_layers``: ``nydusfs convert`` feeds the
+   layers of a registry image as they download), applied lowest first; file data is chunked
+   into the spool as it streams past.
 2. Resolve the prefetch list and fix the blob layout order (prefetch files first, then each
    directory's files together).
 3. For a directory source, read file data in layout order through the chunk pipeline.
@@ -25,7 +27,8 @@ import shutil
 import stat
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -42,7 +45,8 @@ from nydusfs.format.chunk import DEFAULT_ZSTD_LEVEL
 from nydusfs.format.reader import Bootstrap
 from nydusfs.format.writer import BootstrapParams, InodeSpec, write_bootstrap
 
-__all__ = ["BuildOptions", "BuildResult", "build", "read_prefetch_file"]
+__all__ = ["BuildOptions", "BuildResult", "LayerInput", "build", "build_layers",
+           "read_prefetch_file"]
 
 
 @dataclass(slots=True)
@@ -55,6 +59,25 @@ class BuildOptions:
     prefetch: list[bytes] = field(default_factory=list)  # paths in the image
     workers: int = max(1, os.cpu_count() or 1)
     progress: bool = False
+    # Where the blobs of ``chunk_dict`` are: True = beside it (``DICT_DIR/blobs/``; they are
+    # hardlinked into OUT/blobs), False = elsewhere, e.g. in a registry (``nydusfs convert``),
+    # so they are neither looked for nor warned about. They stay in the blob table either way.
+    dict_blobs_local: bool = True
+    progress_desc: str = "build"
+
+
+@dataclass(frozen=True, slots=True)
+class LayerInput:
+    """One tar layer a caller supplies to :func:`build_layers`.
+
+    ``open()`` returns a context manager giving a readable stream of the layer's bytes
+    (compressed or not, as an OCI layer is). The caller vouches for the bytes: the stream (or the
+    context manager's exit) must raise ``IntegrityError`` when they do not match the layer's
+    digest, which is why a missing end-of-archive marker is tolerated, as for OCI layouts.
+    """
+
+    label: str  # names the layer in errors, e.g. "layer sha256:0123abcd"
+    open: Callable[[], AbstractContextManager[BinaryIO]]
 
 
 @dataclass(slots=True)
@@ -136,9 +159,25 @@ def _prefetch_nodes(root: Node, paths: Sequence[bytes], warn: Callable[[str], No
 
 def build(sources: Sequence[str], out: Path, options: BuildOptions) -> BuildResult:
     """Build an image from ``sources`` into ``out``; see the module docstring."""
-    t0 = time.monotonic()
     if not sources:
         raise BuildError("no source given")
+    return _build(sources, None, out, options)
+
+
+def build_layers(layers: Iterable[LayerInput], out: Path, options: BuildOptions) -> BuildResult:
+    """Build an image from tar layers supplied as streams, lowest first, into ``out``.
+
+    The same build as ``nydusfs build oci:LAYOUT`` (identical layers give an identical image),
+    but the layers can come from anywhere: each is opened, applied and closed in turn, so a
+    caller can produce layer ``n + 1`` (download it) while layer ``n`` is applied. ``layers``
+    is iterated lazily, on the calling thread.
+    """
+    return _build((), layers, out, options)
+
+
+def _build(sources: Sequence[str], layers: Iterable[LayerInput] | None, out: Path,
+           options: BuildOptions) -> BuildResult:
+    t0 = time.monotonic()
     chunker = make_chunker(options.chunker, options.chunk_size)
     if options.compression not in ("zstd", "none"):
         raise BuildError(f"unknown compression {options.compression!r} (known: zstd, none)")
@@ -162,10 +201,10 @@ def build(sources: Sequence[str], out: Path, options: BuildOptions) -> BuildResu
     pipeline: ChunkPipeline | None = None
     progress: _Progress | None = None
     try:
-        kind = _classify(sources)
+        kind = "layers" if layers is not None else _classify(sources)
         if kind == "dir" and os.path.samefile(sources[0], out):
             raise BuildError("the output directory must not be the source directory")
-        progress = _Progress(options.progress, "build")
+        progress = _Progress(options.progress, options.progress_desc)
         pipeline = ChunkPipeline(spool, chunker, level, options.workers, progress.update,
                                  options.chunk_size)
         if kind == "dir":
@@ -174,7 +213,7 @@ def build(sources: Sequence[str], out: Path, options: BuildOptions) -> BuildResu
             warnings.extend(f"output directory {os.fsdecode(p)} inside the source: left out"
                             for p in excluded)
         else:
-            root = _apply_layers(kind, sources, pipeline, warnings)
+            root = _apply_layers(kind, sources, layers, pipeline, warnings)
         first = _prefetch_nodes(root, options.prefetch, warnings.append)
         order = layout_order(root, first)
         if kind == "dir":
@@ -194,8 +233,9 @@ def build(sources: Sequence[str], out: Path, options: BuildOptions) -> BuildResu
                             L.COMPRESSION_ZSTD if level else L.COMPRESSION_NONE),
         )
         data = buf.getvalue()
-        blobs_info = _link_dict_blobs(assembled.blobs, len(assembled.dict_blob_indexes),
-                                      options.chunk_dict, blob_dir, warnings)
+        blobs_info = _link_dict_blobs(
+            assembled.blobs, len(assembled.dict_blob_indexes),
+            options.chunk_dict if options.dict_blobs_local else None, blob_dir, warnings)
         # The bootstrap goes last: once it is in place, everything it references is too.
         with open(tmp_boot, "wb") as f:
             f.write(data)
@@ -268,7 +308,8 @@ def _classify(sources: Sequence[str]) -> str:
 
 
 def _apply_layers(
-    kind: str, sources: Sequence[str], pipeline: ChunkPipeline, warnings: list[str]
+    kind: str, sources: Sequence[str], inputs: Iterable[LayerInput] | None,
+    pipeline: ChunkPipeline, warnings: list[str]
 ) -> Node:
     layers = TarLayers(pipeline)
     if kind == "tar":
@@ -279,6 +320,11 @@ def _apply_layers(
                 raise SourceError(f"{s}: {exc.strerror}") from exc
             with f:
                 layers.apply(f, s)
+    elif kind == "layers":
+        assert inputs is not None
+        for layer in inputs:
+            with layer.open() as stream:
+                layers.apply(stream, layer.label, verified=True)
     else:
         ref = parse_oci_ref(sources[0])
         assert ref is not None
