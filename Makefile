@@ -27,7 +27,8 @@ APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev \
 BENCH_RUNS ?= 3
 
 .PHONY: help setup system-packages venv demo lint test bench bench-rootfs bench-lookup \
-        bench-build bench-read bench-convert bench-coldstart bench-report clean distclean
+        bench-build bench-read bench-convert bench-coldstart bench-supernode bench-report \
+        clean distclean
 
 help:
 	@echo "make demo       set up, then build/inspect/check a sample image (scripts/demo.sh)"
@@ -37,6 +38,7 @@ help:
 	@echo "make bench-read reads through nydusfs/squashfuse mounts, mount time (root, /dev/fuse)"
 	@echo "make bench-convert    nydusfs convert vs skopeo copy in a local registry (root)"
 	@echo "make bench-coldstart  container cold start over a shaped link: lazy mount vs full pull"
+	@echo "make bench-supernode  supernode lookups/announces per core (memory, Redis)"
 	@echo "make setup      apt packages (only if missing) + $(VENV) with the package (editable, dev extras)"
 	@echo "make clean      remove caches and bench/.cache;  make distclean  also removes $(VENV)"
 
@@ -83,7 +85,8 @@ test: lint
 # Benchmarks are not tests: they measure ratios against a baseline run in the same session and
 # write docs/benchmarks.md. Each step can be run alone; bench-report merges whatever results
 # bench/.cache/results/ holds.
-bench: bench-lookup bench-build bench-read bench-convert bench-coldstart bench-report
+bench: bench-lookup bench-build bench-read bench-convert bench-coldstart bench-supernode \
+       bench-report
 
 bench-rootfs: setup
 	bench/rootfs.sh
@@ -108,6 +111,10 @@ bench-convert: setup
 # from the registry. Needs root, /dev/fuse, runc, skopeo, umoci, tc/ip (iproute2), nsenter.
 bench-coldstart: setup
 	$(BIN)/python bench/coldstart_bench.py --runs $(BENCH_RUNS)
+
+# Supernode lookups/s and announces/s per core, memory and Redis stores; bytes per index entry.
+bench-supernode: setup
+	$(BIN)/python bench/supernode_bench.py --runs $(BENCH_RUNS)
 
 bench-report: setup
 	$(BIN)/python bench/report.py

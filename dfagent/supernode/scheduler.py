@@ -1,0 +1,181 @@
+"""The supernode's logic: the operations of the API over a peer store, with time and policy.
+
+Service layer between the HTTP handlers (:mod:`dfagent.supernode.server`, which only parse and
+format) and the state (:mod:`dfagent.supernode.peerstore`, which never reads a clock). The
+scheduler owns the injected ``clock`` and ``rng`` and turns the config's TTLs into the cut-offs
+the store compares against, so every time-dependent behaviour (expiry, quarantine, report
+windows) is tested with a fake clock.
+
+Errors: store failures propagate as :class:`~dfagent.errors.StoreUnavailable` /
+:class:`~dfagent.errors.StoreError`; an unknown (or expired) peer is a ``False``/``None`` return,
+which the HTTP layer turns into 404 ``unknown_peer``; a nonsensical request (a peer reporting
+itself) is a :class:`~dfagent.errors.RequestError`.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from dfagent.errors import RequestError
+from dfagent.metrics import SupernodeMetrics
+from dfagent.supernode.config import SupernodeConfig
+from dfagent.supernode.model import PeerInfo, PeerLoad, PeerState
+from dfagent.supernode.peerstore.base import PeerStore, StoreStats
+from dfagent.supernode.ranking import rank
+
+__all__ = ["Clock", "LookupAnswer", "PeerStatus", "ReportResult", "Scheduler"]
+
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True, slots=True)
+class LookupAnswer:
+    """Ranked peer ids per digest (digests nobody can serve are absent) and the info of every
+    peer named."""
+
+    chunks: dict[str, list[str]]
+    peers: dict[str, PeerInfo]
+
+
+@dataclass(frozen=True, slots=True)
+class PeerStatus:
+    state: PeerState
+    chunks: int
+    live: bool
+    quarantined_until: float | None  # only when quarantined now
+
+
+@dataclass(frozen=True, slots=True)
+class ReportResult:
+    counted: bool  # False: ignored (the reporter is quarantined, or the peer is unknown)
+    reports: int  # distinct reporters within the window
+    quarantined: bool
+
+
+class Scheduler:
+    """Register/heartbeat/leave, announce/withdraw, lookup, report and expiry over a store."""
+
+    def __init__(self, store: PeerStore, config: SupernodeConfig, *,
+                 clock: Clock = time.time, rng: random.Random | None = None,
+                 metrics: SupernodeMetrics | None = None) -> None:
+        self.store = store
+        self.config = config
+        self.clock = clock
+        self.rng = rng if rng is not None else random.Random()
+        self.metrics = metrics if metrics is not None else SupernodeMetrics()
+
+    def _alive_since(self, now: float) -> float:
+        return now - self.config.peer_ttl
+
+    # -- peers ---------------------------------------------------------------------------
+
+    async def register(self, info: PeerInfo, *, reset: bool = False) -> None:
+        await self.store.register(info, now=self.clock(), reset=reset)
+        self.metrics.registrations.inc()
+
+    async def heartbeat(self, peer_id: str, load: PeerLoad) -> bool:
+        """False: unknown or expired peer (it must register again)."""
+        now = self.clock()
+        return await self.store.heartbeat(peer_id, load, now=now,
+                                          alive_since=self._alive_since(now))
+
+    async def leave(self, peer_id: str) -> bool:
+        return await self.store.leave(peer_id)
+
+    async def peer(self, peer_id: str) -> PeerStatus | None:
+        found = await self.store.get_peer(peer_id)
+        if found is None:
+            return None
+        state, chunks = found
+        now = self.clock()
+        until = await self.store.quarantined_until(peer_id)
+        return PeerStatus(state=state, chunks=chunks,
+                          live=state.last_seen >= self._alive_since(now),
+                          quarantined_until=until if until is not None and until > now else None)
+
+    # -- chunks --------------------------------------------------------------------------
+
+    async def announce(self, peer_id: str, digests: Sequence[str]) -> int | None:
+        """New entries recorded; ``None``: unknown or expired peer."""
+        added = await self.store.announce(peer_id, digests,
+                                          alive_since=self._alive_since(self.clock()))
+        if added is not None:
+            self.metrics.announces.inc(len(digests))
+        return added
+
+    async def withdraw(self, peer_id: str, digests: Sequence[str]) -> int:
+        removed = await self.store.withdraw(peer_id, digests)
+        self.metrics.withdrawals.inc(len(digests))
+        return removed
+
+    async def lookup(self, digests: Sequence[str], *, requester: str | None = None,
+                     zone: str | None = None, k: int | None = None) -> LookupAnswer:
+        """Up to ``k`` ranked peers per digest (see :mod:`dfagent.supernode.ranking`).
+
+        ``zone`` defaults to the requester's registered zone; ``k`` to the configured one.
+        """
+        now = self.clock()
+        window_start = now - self.config.quarantine.window
+        view = await self.store.lookup(digests, reports_since=window_start,
+                                       requester=requester if zone is None else None)
+        chunks = rank(view, digests, k=k or self.config.k, now=now,
+                      alive_since=self._alive_since(now), rng=self.rng, requester=requester,
+                      zone=zone if zone is not None else view.requester_zone)
+        peers: dict[str, PeerInfo] = {}
+        all_peers = view.peers
+        for ids in chunks.values():
+            for pid in ids:
+                if pid not in peers:
+                    peers[pid] = all_peers[pid].info
+        hits = len(chunks)
+        self.metrics.lookup_hits.inc(hits)
+        if hits < len(digests):
+            self.metrics.lookup_misses.inc(len(digests) - hits)
+        return LookupAnswer(chunks=chunks, peers=peers)
+
+    # -- reports -------------------------------------------------------------------------
+
+    async def report(self, peer_id: str, reporter: str, reason: str) -> ReportResult | None:
+        """Count a bad-peer report; ``None``: the reporter is not a live registered peer."""
+        if peer_id == reporter:
+            raise RequestError("reporter: a peer cannot report itself")
+        now = self.clock()
+        found = await self.store.get_peer(reporter)
+        if found is None or found[0].last_seen < self._alive_since(now):
+            return None
+        # A quarantined peer's word does not count (it could be accusing the honest ones), nor
+        # does a report about a peer that is not registered (lookups never return it anyway).
+        reporter_q = await self.store.quarantined_until(reporter)
+        if (reporter_q is not None and reporter_q > now) or \
+                await self.store.get_peer(peer_id) is None:
+            self.metrics.reports.labels("ignored").inc()
+            until = await self.store.quarantined_until(peer_id)
+            return ReportResult(counted=False, reports=0,
+                                quarantined=until is not None and until > now)
+        q = self.config.quarantine
+        out = await self.store.report(peer_id, reporter, now=now, window_start=now - q.window,
+                                      threshold=q.reports, quarantine_until=now + q.duration)
+        self.metrics.reports.labels("counted").inc()
+        if out.newly_quarantined:
+            self.metrics.quarantines.inc()
+        return ReportResult(counted=True, reports=out.reports, quarantined=out.quarantined)
+
+    # -- housekeeping --------------------------------------------------------------------
+
+    async def sweep(self) -> list[str]:
+        """Drop expired peers (and their chunks) and ended quarantines; the ids dropped."""
+        now = self.clock()
+        gone = await self.store.expire(self._alive_since(now))
+        await self.store.expire_quarantines(now)
+        if gone:
+            self.metrics.expirations.inc(len(gone))
+        return gone
+
+    async def stats(self) -> StoreStats:
+        st = await self.store.stats(now=self.clock())
+        self.metrics.set_store_stats(peers=st.peers, quarantined=st.quarantined,
+                                     chunks=st.chunks, entries=st.entries)
+        return st

@@ -1,0 +1,184 @@
+"""Expiry, quarantine and lookup through the :class:`Scheduler`, with a fake clock.
+
+Runs over every store kind (memory and a real Redis). Nothing sleeps: the clock moves only
+when a test calls ``advance``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from dfagent.errors import RequestError
+from dfagent.supernode.config import QuarantineConfig, SupernodeConfig
+from dfagent.supernode.model import PeerLoad
+from dfagent.supernode.scheduler import Scheduler
+
+from .conftest import StoreFactory
+from .helpers import FakeClock, digests, peer, run
+
+CONFIG = SupernodeConfig(peer_ttl=30.0, k=4,
+                         quarantine=QuarantineConfig(reports=3, window=60.0, duration=600.0))
+
+
+def check(factory: StoreFactory,
+          body: Callable[[Scheduler, FakeClock], Awaitable[None]]) -> None:
+    async def go() -> None:
+        clock = FakeClock()
+        store = factory()
+        await store.open()
+        try:
+            await body(Scheduler(store, CONFIG, clock=clock, rng=random.Random(7)), clock)
+        finally:
+            await store.close()
+
+    run(go())
+
+
+def test_missed_heartbeats_expire_peer_and_chunks(store_factory: StoreFactory) -> None:
+    ds = digests(3)
+
+    async def body(s: Scheduler, clock: FakeClock) -> None:
+        await s.register(peer("a"))
+        await s.register(peer("b"))
+        await s.announce("a", ds)
+        await s.announce("b", ds)
+        for _ in range(4):  # b heartbeats every 20 s; a never does
+            clock.advance(20)
+            assert await s.heartbeat("b", PeerLoad(1, 10))
+        # a expired 50 s ago: lookups skip it even before the sweep removes it.
+        answer = await s.lookup(ds)
+        assert answer.chunks == {d: ["b"] for d in ds}
+        assert set(answer.peers) == {"b"}
+        assert not await s.heartbeat("a", PeerLoad())  # must register again
+        assert await s.announce("a", ds) is None
+        status = await s.peer("a")
+        assert status is not None and not status.live
+        assert await s.sweep() == ["a"]
+        assert await s.peer("a") is None
+        st = await s.stats()
+        assert (st.peers, st.entries) == (1, 3)
+        # Registering again brings it back.
+        await s.register(peer("a"), reset=True)
+        assert await s.announce("a", ds[:1]) == 1
+        assert sorted((await s.lookup(ds[:1])).chunks[ds[0]]) == ["a", "b"]
+
+    check(store_factory, body)
+
+
+def test_exactly_at_ttl_still_live(store_factory: StoreFactory) -> None:
+    async def body(s: Scheduler, clock: FakeClock) -> None:
+        await s.register(peer("a"))
+        await s.announce("a", digests(1))
+        clock.advance(30)
+        assert await s.sweep() == []
+        assert (await s.lookup(digests(1))).chunks
+        clock.advance(0.001)
+        assert not (await s.lookup(digests(1))).chunks
+        assert await s.sweep() == ["a"]
+
+    check(store_factory, body)
+
+
+def test_distinct_reporters_quarantine_then_release(store_factory: StoreFactory) -> None:
+    d = digests(1)
+
+    async def body(s: Scheduler, clock: FakeClock) -> None:
+        for name in ("bad", "good", "r1", "r2", "r3"):
+            await s.register(peer(name))
+        await s.announce("bad", d)
+        await s.announce("good", d)
+        # One reporter repeating itself is one report, however often.
+        for _ in range(5):
+            out = await s.report("bad", "r1", "corrupt")
+            assert out is not None and (out.counted, out.reports, out.quarantined) == \
+                (True, 1, False)
+        # The reported peer is still returned, but after the unreported one.
+        for _ in range(5):
+            assert (await s.lookup(d, requester="r3")).chunks[d[0]] == ["good", "bad"]
+        out = await s.report("bad", "r2", "timeout")
+        assert out is not None and (out.reports, out.quarantined) == (2, False)
+        out = await s.report("bad", "r3", "corrupt")
+        assert out is not None and out.quarantined
+        assert s.metrics.quarantines._value.get() == 1
+        assert (await s.lookup(d)).chunks[d[0]] == ["good"]
+        status = await s.peer("bad")
+        assert status is not None and status.quarantined_until == clock() + 600
+        # Heartbeats keep it registered, but it stays out until the quarantine ends.
+        for step in [20.0] * 29 + [19.0, 2.0]:  # 599 s, then 601 s
+            clock.advance(step)
+            assert await s.heartbeat("bad", PeerLoad())
+            assert await s.heartbeat("good", PeerLoad())
+            if step == 19.0:
+                assert (await s.lookup(d)).chunks[d[0]] == ["good"]
+        assert sorted((await s.lookup(d)).chunks[d[0]]) == ["bad", "good"]
+        await s.sweep()
+        assert (await s.peer("bad") or pytest.fail("gone")).quarantined_until is None
+
+    check(store_factory, body)
+
+
+def test_reports_spread_beyond_the_window_do_not_quarantine(
+        store_factory: StoreFactory) -> None:
+    async def body(s: Scheduler, clock: FakeClock) -> None:
+        for name in ("bad", "r1", "r2", "r3"):
+            await s.register(peer(name))
+        for r in ("r1", "r2", "r3"):
+            out = await s.report("bad", r, "timeout")
+            assert out is not None and not out.quarantined and out.reports <= 2
+            for _ in range(2):  # 31 s apart: the first is out of the 60 s window at the third
+                clock.advance(15.5)
+                for name in ("bad", "r1", "r2", "r3"):
+                    assert await s.heartbeat(name, PeerLoad())
+        assert (await s.peer("bad") or pytest.fail("gone")).quarantined_until is None
+
+    check(store_factory, body)
+
+
+def test_who_may_report(store_factory: StoreFactory) -> None:
+    async def body(s: Scheduler, clock: FakeClock) -> None:
+        for name in ("bad", "r1", "r2", "r3", "liar"):
+            await s.register(peer(name))
+        with pytest.raises(RequestError, match="itself"):
+            await s.report("bad", "bad", "corrupt")
+        assert await s.report("bad", "stranger", "corrupt") is None  # not registered
+        out = await s.report("ghost", "r1", "corrupt")  # not a registered peer: ignored
+        assert out is not None and not out.counted
+        # Quarantine "liar"; then its reports do not count.
+        for r in ("r1", "r2", "r3"):
+            await s.report("liar", r, "corrupt")
+        for _ in range(3):
+            out = await s.report("bad", "liar", "corrupt")
+            assert out is not None and not out.counted
+        assert (await s.peer("bad") or pytest.fail("gone")).quarantined_until is None
+        # An expired reporter cannot report either.
+        clock.advance(31)
+        await s.heartbeat("bad", PeerLoad())
+        assert await s.report("bad", "r1", "corrupt") is None
+
+    check(store_factory, body)
+
+
+def test_lookup_uses_requester_zone_and_k(store_factory: StoreFactory) -> None:
+    d = digests(1)
+
+    async def body(s: Scheduler, clock: FakeClock) -> None:
+        await s.register(peer("me", zone="a"))
+        for i in range(6):
+            await s.register(peer(f"far{i}", zone="b"))
+            await s.announce(f"far{i}", d)
+        await s.register(peer("near", zone="a"))
+        await s.announce("near", d)
+        await s.announce("me", d)
+        for _ in range(5):
+            got = (await s.lookup(d, requester="me")).chunks[d[0]]
+            assert len(got) == 4 and got[0] == "near" and "me" not in got
+        got = (await s.lookup(d, requester="me", zone="b", k=2)).chunks[d[0]]
+        assert len(got) == 2 and all(p.startswith("far") for p in got)
+        answer = await s.lookup(d + digests(2, 10))
+        assert list(answer.chunks) == d  # digests nobody holds are absent
+        assert s.metrics.lookups.labels("miss")._value.get() == 2
+
+    check(store_factory, body)
