@@ -24,6 +24,12 @@ Operations:
 
 Targets run in rotating order round by round, so drift of the machine hits all of them alike.
 Raw samples go to ``bench/.cache/results/read.json``; ``report.py`` renders the medians.
+
+A subset can be rerun alone: ``--datasets meta --phases find`` measures only ``find`` on the
+synthetic tree (``--reuse-images`` skips rebuilding images already in the work directory), and
+``--merge`` folds the new samples into the existing ``read.json``, replacing only the phases
+measured and recording the rerun (date, revision, what) for the report to state; a subset
+without ``--merge`` is saved as ``read-subset.json``, which the report does not read.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from benchlib import (
     CACHE_DIR,
     REPO_DIR,
     drop_caches,
+    load_result,
     machine_info,
     median,
     process_alive,
@@ -201,16 +208,31 @@ def make_meta_tree(root: Path, n_files: int) -> None:
     stamp.write_text(str(n_files))
 
 
-def build_images(src: Path, out: Path) -> dict[str, Any]:
-    """nydusfs image in ``out/nydusfs``, squashfs in ``out/image.sqfs``; sizes and times."""
+def build_images(src: Path, out: Path, reuse: bool = False) -> dict[str, Any]:
+    """nydusfs image in ``out/nydusfs``, squashfs in ``out/image.sqfs``; sizes and times.
+
+    ``reuse``: keep images a previous run built from the same source (their build facts are
+    in ``out/build.json``) instead of building again.
+    """
+    facts = out / "build.json"
+    if reuse and facts.exists() and (out / "nydusfs" / "bootstrap").exists() and (
+            out / "image.sqfs").exists():
+        try:
+            old: dict[str, Any] = json.loads(facts.read_text())
+        except ValueError:
+            old = {}
+        if old.get("source") == str(src):
+            return {k: v for k, v in old.items() if k != "source"}
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     t_nydus = sh(f"{' '.join(NYDUSFS)} build {src} -o {out / 'nydusfs'}")
     t_sqfs = sh(f"mksquashfs {src} {out / 'image.sqfs'} -comp zstd -noappend -quiet "
                 f"-processors {os.cpu_count() or 1}")
     nydus_bytes = sum(p.stat().st_size for p in (out / "nydusfs").rglob("*") if p.is_file())
-    return {"nydusfs_build_s": t_nydus, "mksquashfs_s": t_sqfs, "nydusfs_bytes": nydus_bytes,
-            "squashfs_bytes": (out / "image.sqfs").stat().st_size}
+    build = {"nydusfs_build_s": t_nydus, "mksquashfs_s": t_sqfs, "nydusfs_bytes": nydus_bytes,
+             "squashfs_bytes": (out / "image.sqfs").stat().st_size}
+    facts.write_text(json.dumps({**build, "source": str(src)}))
+    return build
 
 
 # --------------------------------------------------------------------------- operations
@@ -340,6 +362,33 @@ def summarize(samples: dict[str, dict[str, list[Sample]]]) -> dict[str, dict[str
                  for t, ss in by_t.items()} for ph, by_t in samples.items()}
 
 
+def merge_results(previous: dict[str, Any], new: dict[str, Any], note: str = ""
+                  ) -> dict[str, Any]:
+    """``previous`` with the phases ``new`` measured replaced, and the rerun recorded.
+
+    What the new run did not measure (datasets, phases) keeps its old samples, so a report
+    can tell which numbers come from when: ``reruns`` lists each partial run.
+    """
+    merged: dict[str, Any] = json.loads(json.dumps(previous))  # a deep copy
+    rerun: dict[str, Any] = {"date": new["machine"]["date"],
+                             "revision": new["machine"].get("revision", ""),
+                             "runs": new["runs"], "what": {}, "note": note}
+    for name, ds in new["datasets"].items():
+        old = merged["datasets"].get(name)
+        if old is None or old["targets"] != ds["targets"]:
+            merged["datasets"][name] = ds  # nothing comparable to keep
+        else:
+            for ph in ds["phases"]:
+                old["samples"][ph] = ds["samples"][ph]
+                old["medians"][ph] = ds["medians"][ph]
+                if ph not in old["phases"]:
+                    old["phases"].append(ph)
+            old["facts"], old["build"] = ds["facts"], ds["build"]
+        rerun["what"][name] = ds["phases"]
+    merged.setdefault("reruns", []).append(rerun)
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3, help="rounds over all targets (median)")
@@ -348,11 +397,29 @@ def main(argv: list[str] | None = None) -> int:
                     help="files in the synthetic tree for find/ls (0: skip it)")
     ap.add_argument("--rand-reads", type=int, default=2000)
     ap.add_argument("--workdir", type=Path, default=CACHE_DIR / "read")
+    ap.add_argument("--datasets", default="rootfs,meta",
+                    help="comma-separated: rootfs (the Debian tree), meta (find/ls tree)")
+    ap.add_argument("--phases", default="",
+                    help="comma-separated subset of " + ",".join(ROOTFS_PHASES)
+                    + " (default: all of each dataset's)")
+    ap.add_argument("--reuse-images", action="store_true",
+                    help="keep images built by an earlier run from the same source")
+    ap.add_argument("--merge", action="store_true",
+                    help="fold the results into the existing read.json (only the phases run)")
+    ap.add_argument("--note", default="",
+                    help="with --merge: a sentence the report prints with the rerun")
     args = ap.parse_args(argv)
+    wanted = {d for d in args.datasets.split(",") if d}
+    only = {p for p in args.phases.split(",") if p}
+    if wanted - {"rootfs", "meta"} or only - set(ROOTFS_PHASES):
+        ap.error(f"unknown dataset or phase in {args.datasets!r} / {args.phases!r}")
+    previous = load_result("read") if args.merge else None
+    if args.merge and previous is None:
+        ap.error("--merge: no earlier bench/.cache/results/read.json to merge into")
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
         print("read_bench: needs root and /dev/fuse", file=sys.stderr)
         return 1
-    if not (args.rootfs / "usr" / "bin" / "python3").exists():
+    if "rootfs" in wanted and not (args.rootfs / "usr" / "bin" / "python3").exists():
         subprocess.run([str(BENCH_DIR / "rootfs.sh"), str(args.rootfs)], check=True)
     work: Path = args.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -364,17 +431,22 @@ def main(argv: list[str] | None = None) -> int:
     squash_tools = ["squashfuse"] + (["squashfuse_ll"] if shutil.which("squashfuse_ll") else [])
 
     datasets: dict[str, Any] = {}
-    inputs: list[tuple[str, Path, list[str]]] = [("rootfs", args.rootfs, ROOTFS_PHASES)]
-    if args.meta_files:
+    inputs: list[tuple[str, Path, list[str]]] = []
+    if "rootfs" in wanted:
+        inputs.append(("rootfs", args.rootfs, ROOTFS_PHASES))
+    if args.meta_files and "meta" in wanted:
         meta_src = work / "meta-src"
         t0 = time.perf_counter()
         make_meta_tree(meta_src, args.meta_files)
         print(f"meta tree: {args.meta_files} files in {time.perf_counter() - t0:.1f} s",
               file=sys.stderr)
         inputs.append(("meta", meta_src, META_PHASES))
-    for name, src, phases in inputs:
+    for name, src, all_phases in inputs:
+        phases = [p for p in all_phases if not only or p in only]
+        if not phases:
+            continue
         facts = tree_facts(src)
-        build = build_images(src, work / f"img-{name}")
+        build = build_images(src, work / f"img-{name}", reuse=args.reuse_images)
         print(f"{name}: {facts['entries']} entries, {facts['data_bytes'] / 1e6:.0f} MB; "
               f"build nydusfs {build['nydusfs_build_s']:.1f} s, mksquashfs "
               f"{build['mksquashfs_s']:.1f} s", file=sys.stderr)
@@ -418,7 +490,11 @@ def main(argv: list[str] | None = None) -> int:
         },
         "datasets": datasets,
     }
-    out = save_result("read", result)
+    subset = wanted != {"rootfs", "meta"} or bool(only)
+    if previous is not None:
+        result = merge_results(previous, result, args.note)
+    # A subset alone is not a report's input: without --merge it goes beside, not over, it.
+    out = save_result("read-subset" if subset and previous is None else "read", result)
     for name, d in datasets.items():
         m = d["medians"]
         for ph in d["phases"]:

@@ -13,6 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from benchlib import REPO_DIR, load_result
+from fanout_report import REPRODUCE as FANOUT_REPRODUCE
+from fanout_report import fanout_section, upload_section
+from registry_report import REPRODUCE, coldstart_section, convert_section
+from supernode_report import REPRODUCE as SUPERNODE_REPRODUCE
+from supernode_report import supernode_section
 
 MB = 1e6
 
@@ -185,6 +190,9 @@ def _label(target: str) -> str:
     return _TARGET_LABELS.get(target, target)
 
 
+_DATASET_LABELS = {"meta": "synthetic tree", "rootfs": "rootfs"}
+
+
 def _verdict(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
@@ -292,6 +300,17 @@ def _meta_tables(r: dict[str, Any]) -> list[str]:
         "squashfuse, cold and warm, find and ls).",
         "",
     ]
+    for rerun in r.get("reruns", []):
+        what = "; ".join(f"{', '.join(phases)} on the {_DATASET_LABELS.get(ds, ds)}"
+                         for ds, phases in rerun["what"].items())
+        out += [
+            f"*Rerun alone* ({what}): medians of {rerun['runs']} runs measured "
+            f"{rerun['date']}, {rerun['revision']}, every target again in rotating order "
+            "(`bench/read_bench.py --datasets ... --phases ... --merge`); the other numbers "
+            "of this section are from the full run above."
+            + (f" {rerun['note']}" if rerun.get("note") else ""),
+            "",
+        ]
     for name in names:
         ds = r["datasets"][name]
         fs, m = ds["facts"], ds["medians"]
@@ -316,6 +335,11 @@ def _meta_tables(r: dict[str, Any]) -> list[str]:
                 f"{_fmt_s(m['ls'][t]['warm'])} | {ratios} |")
         out.append("")
     out += [
+        "A listing carries every entry's attributes while readers are seen to stat what they "
+        "list (`ls -l`), and otherwise names and types only for all but directories (`find`), "
+        "so the kernel instantiates no inode for entries nobody stats; the next listings of a "
+        "walk are decoded ahead, while the daemon waits for the walker (`nydusfs/fs/fuse.py`).",
+        "",
         "Here *x squashfuse* is a time ratio (below 1 = faster than squashfuse). `ls -l` asks "
         "every file for two extended attributes (`lgetxattr security.selinux`, `getxattr "
         "system.posix_acl_access`, both absent); the kernel caches no xattr answer for FUSE, "
@@ -382,7 +406,12 @@ def mount_section(r: dict[str, Any] | None) -> list[str]:
 
 
 def render(build: dict[str, Any] | None, lookup: dict[str, Any] | None,
-           read: dict[str, Any] | None = None, mount: dict[str, Any] | None = None) -> str:
+           read: dict[str, Any] | None = None, mount: dict[str, Any] | None = None,
+           convert: dict[str, Any] | None = None,
+           coldstart: dict[str, Any] | None = None,
+           supernode: dict[str, Any] | None = None,
+           fanout: dict[str, Any] | None = None,
+           upload: dict[str, Any] | None = None) -> str:
     lines = [
         "# Benchmarks",
         "",
@@ -399,6 +428,11 @@ def render(build: dict[str, Any] | None, lookup: dict[str, Any] | None,
         "make bench-build BENCH_RUNS=5 # only the build benchmark (makes the rootfs first)",
         "make bench-lookup             # only the lookup benchmark",
         "make bench-read BENCH_RUNS=5  # only reads through mounts + mount time (root, FUSE)",
+        ".venv/bin/python bench/read_bench.py --datasets meta --phases find --runs 5 \\",
+        "    --reuse-images --merge    # rerun one part of it, merged into its results",
+        *REPRODUCE,
+        *SUPERNODE_REPRODUCE,
+        *FANOUT_REPRODUCE,
         "make bench-report             # rewrite this file from bench/.cache/results/*.json",
         "```",
         "",
@@ -410,7 +444,9 @@ def render(build: dict[str, Any] | None, lookup: dict[str, Any] | None,
         "",
     ]
     newest = max(
-        (r for r in (build, lookup, read, mount) if r is not None),
+        (r for r in (build, lookup, read, mount, convert, coldstart, supernode, fanout,
+                     upload)
+         if r is not None),
         key=lambda r: str(r["machine"]["date"]),
         default=None,
     )
@@ -422,6 +458,11 @@ def render(build: dict[str, Any] | None, lookup: dict[str, Any] | None,
     lines += lookup_section(lookup)
     lines += read_section(read)
     lines += mount_section(mount)
+    lines += convert_section(convert, 5)
+    lines += coldstart_section(coldstart, 6)
+    lines += supernode_section(supernode, 7)
+    lines += fanout_section(fanout, 8)
+    lines += upload_section(upload, 9)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -430,7 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-o", "--output", type=Path, default=REPO_DIR / "docs" / "benchmarks.md")
     args = ap.parse_args(argv)
     text = render(load_result("build"), load_result("lookup"), load_result("read"),
-                  load_result("mount"))
+                  load_result("mount"), convert=load_result("convert"),
+                  coldstart=load_result("coldstart"), supernode=load_result("supernode"),
+                  fanout=load_result("fanout"), upload=load_result("upload"))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text)
     print(f"wrote {args.output}", file=sys.stderr)

@@ -19,6 +19,7 @@ __all__ = [
     "Dirent",
     "Header",
     "Inode",
+    "Listing",
     "Xattr",
 ]
 
@@ -91,6 +92,23 @@ class Dirent:
     name: bytes
     type: int
     ino: int
+
+
+@dataclass(slots=True, eq=True)
+class Listing:
+    """Entries of a directory, in order, as three parallel lists: name, inode number, st_mode.
+
+    Lists of bytes and ints rather than an object per entry: a mount keeps recent listings in
+    memory, and a hundred thousand small tuples or dataclasses there would make every pass of
+    Python's garbage collector walk them (it tracks containers, not bytes or ints).
+    """
+
+    names: list[bytes]
+    inos: list[int]
+    modes: list[int]
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,146 @@
+"""The P2P sections of docs/benchmarks.md: fan-out (fanout.json) and upload throughput
+(upload.json), from bench/.cache/results/.
+
+Kept out of report.py (which only calls :func:`fanout_section` and :func:`upload_section`) so
+benchmarks owned by different people do not edit one function.
+"""
+
+from __future__ import annotations
+
+from statistics import median
+from typing import Any
+
+__all__ = ["REPRODUCE", "fanout_section", "upload_section"]
+
+REPRODUCE = [
+    "make bench-fanout             # N nodes in netns, shaped links: registry vs P2P (root)",
+    "make bench-upload             # dfagent peer upload server vs a static file server",
+]
+
+GOAL_EGRESS = 1.05  # registry egress / image size (DESIGN §6)
+GOAL_TIME = 1.3  # completion time / lower bound
+
+MB = 1e6
+_LABELS = {"registry": "registry only (baseline)", "p2p": "P2P (dfagent, backend: dragonfly)"}
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def _origin_bytes(s: dict[str, Any], origin: str) -> float:
+    return float(sum(m.get(f'dfagent_peer_bytes_total{{origin="{origin}"}}', 0.0)
+                     for m in s["peer_metrics"].values()))
+
+
+def fanout_section(r: dict[str, Any] | None, number: int) -> list[str]:
+    out = [f"## {number}. Fan-out: N nodes read a whole image at once, registry vs P2P", ""]
+    if r is None:
+        return [*out, "Not measured yet: run `make bench-fanout` "
+                      "(`.venv/bin/python bench/fanout_bench.py`).", ""]
+    p, img, m = r["params"], r["image"], r["medians"]
+    size = img["blob_bytes"]
+    n = p["nodes"]
+    u = p["rate_bytes"]
+    lb = r["lower_bound_s"]
+    out += [
+        f"{n} nodes, each in its own network namespace on one bridge, every link shaped both "
+        f"ways with `tc tbf` at {p['rate']} ({u / MB:.1f} MB/s); the registry "
+        "(`docker-registry`) in its own namespace with the same uplink, the supernode in "
+        f"another. Image: the python3 image ({len(p['layers']) - 1} layers of Debian packages) "
+        "plus a layer of "
+        + (f"{p['data_files']} " if "data_files" in p else "")
+        + f"incompressible data files of {p['data_file'] >> 20} MiB (pseudo-random, fixed "
+        "seed), "
+        f"converted with `nydusfs convert`: {size / MB:.1f} MB of blobs "
+        f"(S; bootstrap {img['bootstrap_bytes'] / 1e3:.0f} kB). Every node mounts it at once "
+        "with `nydusfs mount REF` and `prefetch: {all: true}`, from empty caches; a node is "
+        "done when its mount reports prefetch `done` (every chunk fetched and verified). "
+        "*registry only*: `backend: registry`; *P2P*: a `dfagent peer` per node and `backend: "
+        f"dragonfly`. Lower bound max(S/u_src, N·S/(u_src + Σu_i)) = {lb:.1f} s "
+        f"(S/u_src = {r['bounds']['source']:.1f} s; with the registry alone N·S/u_src = "
+        f"{r['bounds']['registry_only']:.1f} s). Registry egress: HTTP body bytes of blob GETs "
+        "in its access log (*served*) and its interface's `tx_bytes` (*wire*, TCP/IP headers "
+        f"included), ÷ S. Medians of {r['runs']} runs, methods alternating. "
+        f"Measured {r['machine']['date']}, {r['machine'].get('revision', '')}.",
+        "",
+    ]
+    if "p2p" in m:
+        x = m["p2p"]
+        out += [
+            f"**Goals (P2P): registry egress ≤ {GOAL_EGRESS} x S — "
+            f"{_verdict(x['served_ratio'] <= GOAL_EGRESS)}: {x['served_ratio']:.2f} served "
+            f"({x['wire_ratio']:.2f} on the wire); completion ≤ {GOAL_TIME} x the lower bound "
+            f"— {_verdict(x['time_ratio'] <= GOAL_TIME)}: {x['time_ratio']:.2f} "
+            f"({x['seconds']:.1f} s).**",
+            "",
+        ]
+    out += [
+        "| method | all nodes done | ÷ lower bound | registry served ÷ S | wire ÷ S | "
+        "machine CPU |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for meth in r["methods"]:
+        x = m[meth]
+        out.append(f"| {_LABELS.get(meth, meth)} | {x['seconds']:.1f} s | "
+                   f"{x['time_ratio']:.2f} | {x['served_ratio']:.2f} | {x['wire_ratio']:.2f} | "
+                   f"{x['cpu_s']:.0f} CPU-s |")
+    if "p2p" in m and "registry" in m:
+        reg, p2p_m = m["registry"], m["p2p"]
+        out += ["", f"P2P finishes {reg['seconds'] / p2p_m['seconds']:.1f}x sooner and takes "
+                    f"{reg['served_ratio'] / p2p_m['served_ratio']:.1f}x less from the registry "
+                    "than the same nodes pulling straight from it."]
+    p2p = r["samples"].get("p2p") or []
+    if p2p:
+        peer = median([_origin_bytes(s, "peer") for s in p2p])
+        source = median([_origin_bytes(s, "source") for s in p2p])
+        first = median([min(s["node_seconds"].values()) for s in p2p])
+        out += [
+            "",
+            f"Where the P2P nodes' chunk bytes came from (medians, all nodes together, from "
+            f"their `dfagent_peer_bytes_total`): {source / MB:.0f} MB from the registry, "
+            f"{peer / MB:.0f} MB from peers ({100 * peer / max(peer + source, 1):.0f}%); "
+            f"first node done after {first:.1f} s. *machine CPU* is the CPU time of the whole "
+            f"machine during the sample (2 cores: at most 2 CPU-s per second) — every mount "
+            "and every peer is a Python process, so with many nodes on one small machine CPU, "
+            "not the links, can be what limits completion.",
+        ]
+    return [*out, ""]
+
+
+def upload_section(r: dict[str, Any] | None, number: int) -> list[str]:
+    out = [f"## {number}. Upload server: 1 MiB chunks on loopback", ""]
+    if r is None:
+        return [*out, "Not measured yet: run `make bench-upload` "
+                      "(`.venv/bin/python bench/upload_bench.py`).", ""]
+    p, m = r["params"], r["medians"]
+    base = m["static"]
+    out += [
+        f"A real `dfagent peer` serves {p['chunks']} chunk files of 1 MiB (random bytes, in "
+        f"the page cache) from its store; this process requests each {p['passes']} times in "
+        f"shuffled order over {p['concurrency']} keep-alive connections (aiohttp) and "
+        f"discards the bytes. *GET*: one chunk per request; *batch*: {p['batch']} digests per "
+        "`POST /chunks`, one framed response. Baseline in the same run: an aiohttp process "
+        "serving the same files with `web.FileResponse` (sendfile, no checks, no limits). "
+        "*per server CPU-s* = bytes ÷ the server process's CPU time, independent of the load "
+        "generator, which shares the 2 cores (*wall*). Medians of "
+        f"{r['runs']} runs, servers in rotating order. "
+        f"Measured {r['machine']['date']}, {r['machine'].get('revision', '')}.",
+        "",
+        "| server | wall | x static | per server CPU-s | x static |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    labels = {"peer-get": "dfagent peer, GET /chunks/{digest}",
+              "peer-batch": f"dfagent peer, POST /chunks ({p['batch']} per request)",
+              "static": "aiohttp FileResponse (baseline)"}
+    for k, label in labels.items():
+        x = m[k]
+        out.append(f"| {label} | {x['wall_mb_s']:,.0f} MB/s | "
+                   f"{x['wall_mb_s'] / base['wall_mb_s']:.2f} | {x['cpu_mb_s']:,.0f} MB/s | "
+                   f"{x['cpu_mb_s'] / base['cpu_mb_s']:.2f} |")
+    best = max(m["peer-get"]["cpu_mb_s"], m["peer-batch"]["cpu_mb_s"])
+    out += ["", f"One core of the peer serves {best * 8 / 1e3:.1f} Gbit/s of chunks: a 100 "
+                "Mbit/s link needs "
+                f"{12.5 / best * 100:.1f}% of a core, a 10 Gbit/s one "
+                f"{1250 / best:.1f} cores.", ""]
+    return out
