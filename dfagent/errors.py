@@ -13,6 +13,10 @@ library is called::
         │                          message names the field, e.g. ``digests[3]: ...``
         ├── StoreError             the peer store failed (a bug or corrupt shared state)
         │   └── StoreUnavailable   the peer store cannot be reached now (Redis down): HTTP 503
+        ├── FetchError             the peer agent could not get a chunk from any peer or its
+        │                          source (the message says what the source answered)
+        ├── AgentError             ``dfagent get``/``preheat``: the local agent is unreachable
+        │                          or refused the request
         └── SupernodeError         the client side: a supernode call did not succeed
             ├── SupernodeUnavailable  no supernode answered in time: fall back to the source
             └── SupernodeRejected     a supernode answered with a refusal (4xx): retrying
@@ -30,8 +34,10 @@ from __future__ import annotations
 from nydusfs.errors import ConfigError, NydusfsError
 
 __all__ = [
+    "AgentError",
     "ConfigError",
     "DfagentError",
+    "FetchError",
     "RequestError",
     "StoreError",
     "StoreUnavailable",
@@ -57,6 +63,22 @@ class StoreError(DfagentError):
 
 class StoreUnavailable(StoreError):
     """The peer store cannot be reached (Redis down or timing out); try again later."""
+
+
+class FetchError(DfagentError):
+    """A chunk could not be had: no peer delivered it and the source failed.
+
+    ``code`` is ``not_found`` (the source does not have it: final), ``unavailable`` (transient:
+    retry later), ``integrity`` (the source's bytes do not match the digest) or ``bad_request``.
+    """
+
+    def __init__(self, message: str, *, code: str = "unavailable") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class AgentError(DfagentError):
+    """The local peer agent (its Unix socket) is unreachable or refused a request."""
 
 
 class SupernodeError(DfagentError):

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-__all__ = ["METRIC_NAMES", "SUPERNODE_ENDPOINTS", "SupernodeMetrics"]
+__all__ = ["METRIC_NAMES", "PEER_METRIC_NAMES", "SUPERNODE_ENDPOINTS", "PeerMetrics",
+           "SupernodeMetrics"]
 
 # Supernode requests take tens of microseconds (memory) to milliseconds (Redis, big batches).
 REQUEST_BUCKETS = (
@@ -114,4 +115,116 @@ class SupernodeMetrics:
 
     def render(self) -> bytes:
         """The text exposition of every metric (what ``/metrics`` serves)."""
+        return generate_latest(self.registry)
+
+
+# -- the peer agent -------------------------------------------------------------------------
+
+# Chunk fetches take from microseconds (store hits) to seconds (a cold source over a WAN).
+FETCH_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+
+ORIGINS = ("local", "peer", "source")
+
+PEER_METRIC_NAMES: tuple[str, ...] = (
+    "dfagent_peer_chunks_total",
+    "dfagent_peer_bytes_total",
+    "dfagent_peer_fetch_seconds",
+    "dfagent_peer_p2p_hit_ratio",
+    "dfagent_peer_fetch_failures_total",
+    "dfagent_peer_uploads_total",
+    "dfagent_peer_upload_bytes_total",
+    "dfagent_peer_uploads_active",
+    "dfagent_peer_upload_rejections_total",
+    "dfagent_peer_store_bytes",
+    "dfagent_peer_store_chunks",
+    "dfagent_peer_store_evictions_total",
+    "dfagent_peer_lookup_seconds",
+    "dfagent_peer_lookup_errors_total",
+    "dfagent_peer_verification_failures_total",
+    "dfagent_peer_bad_peer_reports_total",
+    "dfagent_peer_supernode_connected",
+    "dfagent_peer_registrations_total",
+)
+
+
+class PeerMetrics:
+    """The peer agent's metrics (served at ``/metrics`` on its local API socket and, when
+    configured, on ``metrics: HOST:PORT``). Bytes are chunk-file bytes (compressed payload plus
+    the 48-byte header), as they travel and are stored."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.chunks = Counter("dfagent_peer_chunks_total",
+                              "Chunks delivered to local clients by origin "
+                              "(local = already in the store, peer, source)", ["origin"],
+                              registry=r)
+        self.bytes = Counter("dfagent_peer_bytes_total",
+                             "Chunk bytes delivered to local clients by origin", ["origin"],
+                             registry=r)
+        self.fetch_seconds = Histogram("dfagent_peer_fetch_seconds",
+                                       "Time to get a chunk, by the origin that served it",
+                                       ["origin"], buckets=FETCH_BUCKETS, registry=r)
+        self.hit_ratio = Gauge("dfagent_peer_p2p_hit_ratio",
+                               "Chunks fetched from peers / chunks fetched from peers or "
+                               "sources", registry=r)
+        self.fetch_failures = Counter("dfagent_peer_fetch_failures_total",
+                                      "Chunks that could not be had from anywhere", registry=r)
+        self.uploads = Counter("dfagent_peer_uploads_total", "Chunks served to other peers",
+                               registry=r)
+        self.upload_bytes = Counter("dfagent_peer_upload_bytes_total",
+                                    "Chunk bytes served to other peers", registry=r)
+        self.uploads_active = Gauge("dfagent_peer_uploads_active",
+                                    "Upload requests being served now", registry=r)
+        self.upload_rejections = Counter("dfagent_peer_upload_rejections_total",
+                                         "Upload requests refused (reason: busy|unauthorized)",
+                                         ["reason"], registry=r)
+        self.store_bytes = Gauge("dfagent_peer_store_bytes", "Bytes in the chunk store",
+                                 registry=r)
+        self.store_chunks = Gauge("dfagent_peer_store_chunks", "Chunks in the chunk store",
+                                  registry=r)
+        self.evictions = Counter("dfagent_peer_store_evictions_total",
+                                 "Chunks evicted from the store at the quota", registry=r)
+        self.lookup_seconds = Histogram("dfagent_peer_lookup_seconds",
+                                        "Supernode lookup latency (one batched call)",
+                                        buckets=FETCH_BUCKETS, registry=r)
+        self.lookup_errors = Counter("dfagent_peer_lookup_errors_total",
+                                     "Supernode lookups that failed or timed out (the chunks "
+                                     "went to the source)", registry=r)
+        self.verification_failures = Counter("dfagent_peer_verification_failures_total",
+                                             "Chunks that failed verification, by origin "
+                                             "(peer, source, store)", ["origin"], registry=r)
+        self.bad_peer_reports = Counter("dfagent_peer_bad_peer_reports_total",
+                                        "Peers reported to the supernode, by reason",
+                                        ["reason"], registry=r)
+        self.supernode_connected = Gauge("dfagent_peer_supernode_connected",
+                                         "1 while registered with a supernode, else 0",
+                                         registry=r)
+        self.registrations = Counter("dfagent_peer_registrations_total",
+                                     "Registrations with a supernode (first and again after "
+                                     "it lost this peer)", registry=r)
+        for origin in ORIGINS:
+            self.chunks.labels(origin)
+            self.bytes.labels(origin)
+            self.fetch_seconds.labels(origin)
+        for origin in ("peer", "source", "store"):
+            self.verification_failures.labels(origin)
+        for reason in ("busy", "unauthorized"):
+            self.upload_rejections.labels(reason)
+
+        self.delivered_by: dict[str, int] = dict.fromkeys(ORIGINS, 0)  # also for stats()
+
+    def delivered(self, origin: str, nbytes: int, seconds: float) -> None:
+        self.delivered_by[origin] = self.delivered_by.get(origin, 0) + 1
+        self.chunks.labels(origin).inc()
+        self.bytes.labels(origin).inc(nbytes)
+        self.fetch_seconds.labels(origin).observe(seconds)
+
+    def render(self, *, store_chunks: int, store_bytes: int) -> bytes:
+        self.store_chunks.set(store_chunks)
+        self.store_bytes.set(store_bytes)
+        peer, source = self.delivered_by["peer"], self.delivered_by["source"]
+        self.hit_ratio.set(peer / (peer + source) if peer + source else 0.0)
         return generate_latest(self.registry)

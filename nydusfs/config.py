@@ -28,12 +28,14 @@ import yaml
 
 from nydusfs.builder.chunker import parse_size
 from nydusfs.errors import BuildError, ConfigError
-from nydusfs.storage import LOCAL_BACKENDS, RESERVED_BACKENDS, check_backend_type
+from nydusfs.storage import RESERVED_BACKENDS, UNCACHED_BACKENDS, check_backend_type
 
 __all__ = [
     "DEFAULT_CACHE_DIR",
+    "DEFAULT_DRAGONFLY_SOCKET",
     "BackendConfig",
     "CacheConfig",
+    "DragonflyConfig",
     "FuseConfig",
     "HostPort",
     "LocalFsConfig",
@@ -52,6 +54,8 @@ MiB = 1 << 20
 GiB = 1 << 30
 
 DEFAULT_CACHE_DIR = Path("/var/lib/nydusfs/cache")
+DEFAULT_DRAGONFLY_SOCKET = Path("/run/dfagent/dfagent.sock")
+DRAGONFLY_FALLBACKS = ("registry", "s3", "localfs")
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +109,22 @@ class S3Config:
 
 
 @dataclass(frozen=True, slots=True)
+class DragonflyConfig:
+    """Chunks through the node's dfagent peer (its local API on a Unix socket).
+
+    ``fallback`` names which of the backend's other blocks is the image's own source: where
+    the agent fetches chunks no peer has, and where nydusfs reads itself when the agent is
+    unreachable. ``None``: ``registry`` when ``backend.registry.host`` is set (``nydusfs
+    mount REF`` sets it), else ``s3`` when ``backend.s3.bucket`` is, else ``localfs``.
+    """
+
+    socket: Path = DEFAULT_DRAGONFLY_SOCKET
+    fallback: str | None = None  # registry | s3 | localfs
+    timeout: float = 10.0  # seconds the agent may take for one batch before nydusfs falls back
+    retry_after: float = 5.0  # seconds an unreachable agent is left alone before a new try
+
+
+@dataclass(frozen=True, slots=True)
 class BackendConfig:
     type: str = "localfs"
     timeout: float = 30.0  # seconds per attempt; then the attempt counts as unavailable
@@ -113,6 +133,18 @@ class BackendConfig:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     s3: S3Config = field(default_factory=S3Config)
+    dragonfly: DragonflyConfig = field(default_factory=DragonflyConfig)
+
+    @property
+    def source_type(self) -> str:
+        """The image's own source: the backend itself, or a dragonfly backend's fallback."""
+        if self.type != "dragonfly":
+            return self.type
+        if self.dragonfly.fallback is not None:
+            return self.dragonfly.fallback
+        if self.registry.host:
+            return "registry"
+        return "s3" if self.s3.bucket else "localfs"
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +200,7 @@ class MountConfig:
         """Whether the local chunk cache is used, resolving ``cache.enabled: null`` (auto)."""
         if self.cache.enabled is not None:
             return self.cache.enabled
-        return self.backend.type not in LOCAL_BACKENDS
+        return self.backend.type not in UNCACHED_BACKENDS
 
 
 def load_config(path: Path | str | None) -> MountConfig:
@@ -221,7 +253,7 @@ def _backend(raw: object, base_dir: Path) -> BackendConfig:
         return BackendConfig(type=raw)
     d = _section(raw, "backend")
     _check_keys(d, "backend", ("type", "timeout", "attempts", "localfs", "memory", "registry",
-                               "s3"), reserved=True)
+                               "s3", "dragonfly"), reserved=True)
     if d.get("type") is None:
         raise ConfigError("backend.type: required (e.g. localfs)")
     kind = d["type"]
@@ -255,11 +287,38 @@ def _backend(raw: object, base_dir: Path) -> BackendConfig:
         kw["registry"] = _registry(d["registry"], base_dir)
     if "s3" in d:
         kw["s3"] = _s3(d["s3"], base_dir)
+    if "dragonfly" in d:
+        kw["dragonfly"] = _dragonfly(d["dragonfly"], base_dir)
+    if kind == "dragonfly":
+        df = kw.get("dragonfly")
+        if isinstance(df, DragonflyConfig) and df.fallback == "s3":
+            s3 = kw.get("s3")
+            if not isinstance(s3, S3Config) or not s3.bucket:
+                raise ConfigError("backend.s3.bucket: required for the dragonfly fallback s3")
     if kind == "s3":
         s3 = kw.get("s3")
         if not isinstance(s3, S3Config) or not s3.bucket:
             raise ConfigError("backend.s3.bucket: required for backend s3")
     return BackendConfig(**kw)  # type: ignore[arg-type]
+
+
+def _dragonfly(raw: object, base_dir: Path) -> DragonflyConfig:
+    where = "backend.dragonfly"
+    d = _section(raw, where)
+    _check_keys(d, where, ("socket", "fallback", "timeout", "retry_after"))
+    kw: dict[str, object] = {}
+    if d.get("socket") is not None:
+        kw["socket"] = _path(d["socket"], f"{where}.socket", base_dir)
+    if d.get("fallback") is not None:
+        fallback = d["fallback"]
+        if fallback not in DRAGONFLY_FALLBACKS:
+            raise ConfigError(f"{where}.fallback: expected one of "
+                              f"{', '.join(DRAGONFLY_FALLBACKS)}, got {_show(fallback)}")
+        kw["fallback"] = fallback
+    for key in ("timeout", "retry_after"):
+        if key in d:
+            kw[key] = _seconds(d[key], f"{where}.{key}", positive=True)
+    return DragonflyConfig(**kw)  # type: ignore[arg-type]
 
 
 def _registry(raw: object, base_dir: Path) -> RegistryConfig:

@@ -289,6 +289,11 @@ class _Services:
             out["prefetch"] = self.prefetcher.snapshot()
         if self.store is not None:
             out["cache"] = self.store.stats()
+        inner = backend
+        while hasattr(inner, "inner"):  # through the wrapper stack to the backend itself
+            inner = inner.inner
+        if self.config.backend.type == "dragonfly" and hasattr(inner, "stats"):
+            out["dragonfly"] = inner.stats()  # agent chunks, fallbacks to the source
         return out
 
     async def start(self) -> Callable[[], Awaitable[None]]:

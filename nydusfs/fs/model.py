@@ -27,8 +27,8 @@ from typing import BinaryIO, Protocol
 from nydusfs.errors import FormatError, IntegrityError, StorageError
 from nydusfs.format.chunk import decode
 from nydusfs.format.reader import Bootstrap
-from nydusfs.format.records import ChunkRecord, Inode
-from nydusfs.storage.base import Backend, RangeRequest
+from nydusfs.format.records import ChunkRecord, Inode, Listing
+from nydusfs.storage.base import Backend, ChunkInfo, RangeRequest
 
 __all__ = ["Attr", "ChunkStore", "FsError", "FsObserver", "FsStats", "ImageFS"]
 
@@ -163,7 +163,9 @@ class ImageFS:
         self.observer = observer
         self.stats = FsStats()
         self._lru = _ChunkLRU(cache_bytes)
-        self._merge_window = merge_window
+        # A per-chunk backend (the P2P agent) gets one request per chunk: gaps are >= 0, so a
+        # window of -1 merges nothing, not even adjacent chunks.
+        self._merge_window = -1 if getattr(backend, "per_chunk", False) else merge_window
         self._refetch = refetch_on_corruption
         self._readahead = readahead_chunks
         self._inflight: dict[bytes, asyncio.Future[bytes]] = {}
@@ -215,14 +217,31 @@ class ImageFS:
 
         Offsets are positions in the sorted entry list: stable for an immutable image.
         """
+        first = max(start, 0)
+        listing = self.listdir(ino, first)
+        for i, (name, child) in enumerate(zip(listing.names, listing.inos, strict=True)):
+            yield name, self.getattr(child), first + i + 1
+
+    def listdir(self, ino: int, start: int = 0) -> Listing:
+        """Names, inode numbers and modes of the entries from position ``start``, at once.
+
+        What a listing that sends names and types needs (``Bootstrap.listdir``: one pass, no
+        object per entry); ``getattr`` gives the rest of an entry's attributes.
+        """
         node = self._inode(ino)
         if not node.is_dir():
             raise FsError(errno.ENOTDIR)
         try:
-            for i, entry in enumerate(self.boot.readdir(node, start), start=max(start, 0)):
-                yield entry.name, Attr.of(self._inode(entry.ino)), i + 1
+            return self.boot.listdir(node, start)
         except FormatError as exc:
             raise FsError(errno.EIO, str(exc)) from exc
+
+    def opendir(self, ino: int) -> int:
+        """Number of entries of directory ``ino``; ENOTDIR, ENOENT or EIO if it is none."""
+        node = self._inode(ino)
+        if not node.is_dir():
+            raise FsError(errno.ENOTDIR)
+        return node.data_count
 
     def readlink(self, ino: int) -> bytes:
         node = self._inode(ino)
@@ -496,6 +515,10 @@ class ImageFS:
         start = group[0].compressed_offset
         end = max(r.compressed_offset + r.compressed_size for r in group)
         blob = self.boot.blob(group[0].blob_index).hex
+        if len(group) == 1:  # a chunk-aware backend can serve it by digest
+            r = group[0]
+            chunk = ChunkInfo(r.digest, r.flags, r.uncompressed_size)
+            return RangeRequest(blob, start, end - start, chunk), group
         return RangeRequest(blob, start, end - start), group
 
     async def _fetch(self, records: list[ChunkRecord]) -> dict[bytes, bytes]:

@@ -8,7 +8,7 @@ imports an HTTP or S3 client. Every backend is wrapped once, here, innermost fir
     CountingBackend(            counts what the filesystem asked for and got (tests, metrics)
       RetryingBackend(          retries UnavailableError: exponential backoff, full jitter
         TimeoutBackend(         each attempt bounded by backend.timeout -> UnavailableError
-          <the backend>)))      localfs | memory | registry | s3   (dragonfly: issue 5)
+          <the backend>)))      localfs | memory | registry | s3 | dragonfly
 
 Timeout sits inside retry so a hung attempt is retried rather than ending the read; counting
 sits outside so retries do not inflate "what was fetched". The error contract (not found /
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 from nydusfs.errors import ConfigError
-from nydusfs.storage.base import Backend, RangeRequest, check_range
+from nydusfs.storage.base import Backend, ChunkInfo, RangeRequest, check_range
 from nydusfs.storage.retry import CountingBackend, RetryingBackend, TimeoutBackend
 
 if TYPE_CHECKING:
@@ -33,7 +33,9 @@ __all__ = [
     "BACKENDS",
     "LOCAL_BACKENDS",
     "RESERVED_BACKENDS",
+    "UNCACHED_BACKENDS",
     "Backend",
+    "ChunkInfo",
     "CountingBackend",
     "RangeRequest",
     "RetryingBackend",
@@ -50,14 +52,19 @@ BACKENDS: dict[str, str] = {
     "memory": "nydusfs.storage.memory:from_config",
     "registry": "nydusfs.storage.registry:from_config",
     "s3": "nydusfs.storage.s3:from_config",
+    "dragonfly": "nydusfs.storage.dragonfly:from_config",
 }
 
 # Names taken by backends of later issues (name -> issue number), so configs written for them
 # fail with a clear message instead of "unknown backend".
-RESERVED_BACKENDS: dict[str, int] = {"dragonfly": 5}
+RESERVED_BACKENDS: dict[str, int] = {}
 
 # Backends whose blobs are already on a local disk (or in memory): a chunk cache only copies.
 LOCAL_BACKENDS: frozenset[str] = frozenset({"localfs", "memory"})
+
+# Backends the local chunk cache is off for unless the config turns it on: local ones, and
+# ``dragonfly``, whose agent's chunk store is the node's one on-disk cache.
+UNCACHED_BACKENDS: frozenset[str] = LOCAL_BACKENDS | {"dragonfly"}
 
 Factory = Callable[["BackendConfig", "Path | None"], Backend]
 
@@ -83,5 +90,9 @@ def create_backend(cfg: BackendConfig, *, image_dir: Path | None) -> CountingBac
     module_name, _, attr = BACKENDS[cfg.type].partition(":")
     factory = cast(Factory, getattr(importlib.import_module(module_name), attr))
     inner = factory(cfg, image_dir)
-    return CountingBackend(RetryingBackend(TimeoutBackend(inner, cfg.timeout),
-                                           attempts=cfg.attempts))
+    timeout = TimeoutBackend(inner, cfg.timeout)
+    retrying = RetryingBackend(timeout, attempts=cfg.attempts)
+    counting = CountingBackend(retrying)
+    for wrapper in (timeout, retrying, counting):  # what the filesystem asks of the stack
+        wrapper.per_chunk = inner.per_chunk
+    return counting

@@ -28,6 +28,13 @@ Details every backend follows the same way, so layers above can rely on them:
 - Overlapping or repeated ranges in one ``read_many`` are fine; each gets its own bytes.
 - ``IntegrityError`` is never raised by a backend itself (they do not verify); a verifying layer
   above raises it, and the retry wrapper never retries it.
+
+Chunk-aware backends: a request for exactly one chunk may carry that chunk's identity
+(:class:`ChunkInfo`: digest, flags, uncompressed size; the range is its compressed extent).
+Byte-range backends ignore it. A backend that serves chunks by digest rather than byte ranges
+(``dragonfly``, the P2P agent) sets ``per_chunk = True``: the filesystem then never merges
+neighbouring chunks into one request, so every request it sends carries its ``chunk``. The
+reply is still the chunk's payload as stored in the blob (what ``format.chunk.decode`` takes).
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from dataclasses import dataclass
 
 from nydusfs.errors import NotFoundError
 
-__all__ = ["Backend", "RangeRequest", "check_range"]
+__all__ = ["Backend", "ChunkInfo", "RangeRequest", "check_range"]
 
 _BLOB_NAME = re.compile(r"[0-9a-f]{64}")
 
@@ -58,16 +65,28 @@ def check_range(blob: str, offset: int, size: int) -> None:
 
 
 @dataclass(frozen=True, slots=True)
+class ChunkInfo:
+    """The chunk a single-chunk request is for (the range is its compressed extent)."""
+
+    digest: bytes  # blake3 of the uncompressed bytes
+    flags: int  # CHUNK_FLAG_ZSTD or 0: how the payload is encoded in the blob
+    uncompressed_size: int
+
+
+@dataclass(frozen=True, slots=True)
 class RangeRequest:
     blob: str  # sha256 hex of the blob
     offset: int
     size: int
+    chunk: ChunkInfo | None = None  # set when the range is exactly one chunk
 
 
 class Backend(ABC):
     """Reads byte ranges of blobs. See the module docstring for the error contract."""
 
     name: str = "backend"
+    # True: the backend wants one request per chunk, each with its ``chunk`` (see module doc).
+    per_chunk: bool = False
 
     @abstractmethod
     async def read(self, blob: str, offset: int, size: int) -> bytes:

@@ -26,14 +26,14 @@ def test_unknown_backend_lists_known_ones() -> None:
     with pytest.raises(ConfigError) as info:
         create_backend(BackendConfig(type="ftp"), image_dir=None)
     assert str(info.value) == ("backend.type: unknown backend 'ftp' "
-                               "(known: localfs, memory, registry, s3)")
+                               "(known: dragonfly, localfs, memory, registry, s3)")
 
 
-@pytest.mark.parametrize("name, issue", [("dragonfly", 5)])
-def test_reserved_backends_are_not_implemented_yet(name: str, issue: int) -> None:
-    with pytest.raises(ConfigError, match=rf"^backend.type: .*{name}.* not implemented yet "
-                                          rf"\(issue {issue}\)"):
-        create_backend(BackendConfig(type=name), image_dir=None)
+def test_dragonfly_is_registered_and_needs_its_source() -> None:
+    assert "dragonfly" in BACKENDS
+    with pytest.raises(ConfigError, match=r"^backend.localfs.dir: required for the dragonfly "
+                                          r"fallback localfs"):
+        create_backend(BackendConfig(type="dragonfly"), image_dir=None)
 
 
 def test_stack_is_counting_retry_timeout_backend(tmp_path: Path) -> None:
@@ -73,6 +73,8 @@ _MINIMAL = {
     "registry": BackendConfig(type="registry", registry=RegistryConfig(
         host="127.0.0.1:5000", repository="library/x")),
     "s3": BackendConfig(type="s3", s3=S3Config(bucket="layers", endpoint="http://127.0.0.1:9")),
+    "dragonfly": BackendConfig(type="dragonfly", registry=RegistryConfig(
+        host="127.0.0.1:5000", repository="library/x")),
 }
 
 

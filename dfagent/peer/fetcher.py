@@ -1,0 +1,390 @@
+"""The fetch path: store → supernode lookup → peers (verified) → source → store → announce.
+
+:meth:`Fetcher.get_many` is the one way chunks enter a node. For each wanted chunk:
+
+1. **Store**: a chunk the store holds is delivered from it (origin ``local``).
+2. **Single flight**: a chunk some other request is already fetching is waited for, never
+   fetched twice on one node at a time, whoever asks. The fetch runs as its own task, so a
+   requester that goes away does not cancel it for the others.
+3. **Lookup**: one batched supernode lookup for all remaining chunks, bounded by
+   ``fetch.lookup_timeout``. Skipped while the agent is not registered (supernode down): the
+   chunks go straight to the source, nothing waits on a dead supernode.
+4. **Peers**, in rounds: each chunk goes to its best untried candidate, chunks for one peer in
+   batches (one request, framed response). Every chunk received is verified (decoded, blake3
+   against the digest *we* asked for) before it is stored or delivered. A peer that sends bad
+   data is reported (``corrupt``), one that times out or refuses the connection is reported
+   too, and both are skipped by this node for ``BAD_PEER_PAUSE`` seconds; a busy peer (429/503)
+   is simply passed over. A batch still running after ``fetch.hedge_after`` is *hedged*: its
+   missing chunks are also asked of their next candidates, and whichever copy arrives first is
+   used.
+5. **Source**: what no peer delivered is read from its source location (nydusfs storage
+   backends, the node's credentials; neighbouring ranges of a blob are merged by the backend),
+   verified, stored.
+6. Stored chunks are **announced** (queued, sent in batches); chunks evicted to make room are
+   withdrawn.
+
+Nothing here raises for a chunk that cannot be had: each gets an :class:`Outcome` with a
+:class:`~dfagent.errors.FetchError`. The supernode is reached through a :class:`Tracker`
+(the agent's :class:`~dfagent.peer.swarm.Swarm`); ``None`` means no P2P, only the source.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import aiohttp
+
+from dfagent.errors import FetchError, RequestError
+from dfagent.metrics import PeerMetrics
+from dfagent.peer.config import FetchConfig
+from dfagent.peer.source import SourceLocation, SourcePool
+from dfagent.peer.store import ChunkStore
+from dfagent.supernode.client import PeerRef
+from nydusfs.errors import IntegrityError, NotFoundError, StorageError
+from nydusfs.format import chunkfile
+from nydusfs.format.chunk import decode
+from nydusfs.storage.base import RangeRequest
+
+__all__ = ["BAD_PEER_PAUSE", "ChunkWant", "Fetcher", "Outcome", "Tracker"]
+
+log = logging.getLogger(__name__)
+
+BAD_PEER_PAUSE = 30.0  # seconds this node skips a peer that sent bad data or timed out
+INLINE_VERIFY = 64 * 1024  # chunks up to this size are verified on the event loop
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkWant:
+    """A chunk someone wants, and where its source has it (``source`` None: peers only)."""
+
+    digest: str  # 64 hex
+    source: SourceLocation | None = None
+    blob: str = ""  # sha256 hex of the blob at the source
+    offset: int = 0  # compressed extent in the blob
+    size: int = 0
+    uncompressed_size: int = 0  # 0: unknown (the chunk file says)
+    flags: int = 0
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What became of one wanted chunk. ``data`` is the chunk file when it was just fetched
+    (so it can be delivered without reading the store back)."""
+
+    digest: str
+    origin: str | None = None  # local | peer | source; None: failed
+    data: bytes | None = None
+    error: FetchError | None = None
+
+
+class Tracker(Protocol):
+    """What the fetcher needs of the supernode side (implemented by ``swarm.Swarm``)."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    async def lookup(self, digests: list[str]) -> dict[str, list[PeerRef]]: ...
+
+    def announce(self, digests: Iterable[str]) -> None: ...
+
+    def withdraw(self, digests: Iterable[str]) -> None: ...
+
+    def report(self, peer_id: str, reason: str, digest: str | None) -> None: ...
+
+
+class _Busy(Exception):
+    pass
+
+
+class Fetcher:
+    """Gets chunks for the local API, the prefetcher and ``dfagent get`` (module docstring)."""
+
+    def __init__(self, store: ChunkStore, sources: SourcePool, metrics: PeerMetrics,
+                 config: FetchConfig, *, tracker: Tracker | None = None,
+                 token: str | None = None) -> None:
+        self.store = store
+        self.sources = sources
+        self.metrics = metrics
+        self.config = config
+        self.tracker = tracker
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._inflight: dict[str, asyncio.Future[Outcome]] = {}
+        self._bad_until: dict[str, float] = {}
+        self._source_slots = asyncio.Semaphore(config.concurrency)
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: set[asyncio.Task[dict[str, Outcome]]] = set()
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=64), headers=self._headers)
+        return self._session
+
+    # -- the entry point ------------------------------------------------------------------
+
+    async def get_many(self, wants: Sequence[ChunkWant], *, refetch: Iterable[str] = ()
+                       ) -> list[Outcome]:
+        """An :class:`Outcome` per want, in order. ``refetch``: digests a client found bad
+        or missing; the stored copy is verified in full and dropped if bad before use."""
+        t0 = time.monotonic()
+        again = set(refetch)
+        results: dict[str, Outcome] = {}
+        waits: dict[str, asyncio.Future[Outcome]] = {}
+        mine: dict[str, ChunkWant] = {}
+        for w in wants:
+            d = w.digest
+            if d in results or d in waits or d in mine:
+                continue
+            if d in again and d in self.store:
+                data = await self.store.read_verified(d, w.uncompressed_size or None)
+                if data is None:
+                    self.metrics.verification_failures.labels("store").inc()
+                    if self.tracker is not None:
+                        self.tracker.withdraw([d])
+            if self.store.touch(d):
+                results[d] = Outcome(d, origin="local")
+                self.metrics.delivered("local", 0, time.monotonic() - t0)
+            elif d in self._inflight:
+                waits[d] = self._inflight[d]
+            else:
+                mine[d] = w
+        if mine:
+            loop = asyncio.get_running_loop()
+            futs = {d: loop.create_future() for d in mine}
+            self._inflight.update(futs)
+            task = loop.create_task(self._fetch(mine, t0))
+            self._tasks.add(task)
+
+            def done(t: asyncio.Task[dict[str, Outcome]]) -> None:
+                self._tasks.discard(t)
+                got = {} if t.cancelled() or t.exception() is not None else t.result()
+                if not t.cancelled() and t.exception() is not None:
+                    log.error("fetch failed: %r", t.exception())
+                for d, fut in futs.items():
+                    self._inflight.pop(d, None)
+                    if not fut.done():
+                        fut.set_result(got.get(d) or Outcome(d, error=FetchError(
+                            f"chunk {d}: fetch interrupted")))
+
+            task.add_done_callback(done)
+            waits.update(futs)
+        for d, fut in waits.items():
+            results[d] = await asyncio.shield(fut)
+        return [results[w.digest] for w in wants]
+
+    async def _fetch(self, todo: dict[str, ChunkWant], t0: float) -> dict[str, Outcome]:
+        out: dict[str, Outcome] = {}
+        tracker = self.tracker
+        if tracker is not None and tracker.connected:
+            ranked = await tracker.lookup(list(todo))
+            if any(ranked.values()):
+                await self._from_peers(todo, ranked, out, t0)
+        rest = {d: w for d, w in todo.items() if d not in out}
+        if rest:
+            await self._from_source(rest, out, t0)
+        for o in out.values():
+            if o.origin is None:
+                self.metrics.fetch_failures.inc()
+        return out
+
+    # -- peers ----------------------------------------------------------------------------
+
+    def _usable(self, peer_id: str) -> bool:
+        until = self._bad_until.get(peer_id)
+        if until is None:
+            return True
+        if until <= time.monotonic():
+            del self._bad_until[peer_id]
+            return True
+        return False
+
+    async def _from_peers(self, todo: dict[str, ChunkWant], ranked: dict[str, list[PeerRef]],
+                          out: dict[str, Outcome], t0: float) -> None:
+        cfg = self.config
+        tried: dict[str, set[str]] = {d: set() for d in todo}
+        peers = {p.id: p for ps in ranked.values() for p in ps}
+
+        def next_groups(digests: Iterable[str]) -> list[tuple[PeerRef, list[str]]]:
+            groups: dict[str, list[str]] = {}
+            for d in digests:
+                if d in out:
+                    continue
+                for p in ranked.get(d, ()):
+                    if p.id not in tried[d] and self._usable(p.id):
+                        tried[d].add(p.id)
+                        groups.setdefault(p.id, []).append(d)
+                        break
+            return [(peers[pid], ds[i:i + cfg.batch])
+                    for pid, ds in groups.items() for i in range(0, len(ds), cfg.batch)]
+
+        for _ in range(cfg.k):
+            batches = next_groups(todo)
+            if not batches:
+                return
+            tasks = {asyncio.create_task(self._peer_batch(p, ds, todo, out, t0)): ds
+                     for p, ds in batches}
+            _, pending = await asyncio.wait(tasks, timeout=cfg.hedge_after)
+            if pending:  # hedge: what slow peers still owe, also from the next candidates
+                slow = [d for t in pending for d in tasks[t] if d not in out]
+                for p, ds in next_groups(slow):
+                    tasks[asyncio.create_task(self._peer_batch(p, ds, todo, out, t0))] = ds
+                pending = {t for t in tasks if not t.done()}
+                deadline = time.monotonic() + cfg.peer_timeout
+                # Until every chunk arrived (from whichever copy) or every request ended.
+                while pending and not all(d in out for d in todo):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    _, pending = await asyncio.wait(pending, timeout=left,
+                                                    return_when=asyncio.FIRST_COMPLETED)
+                for t in pending:  # the losers of a hedge (their chunks arrived elsewhere)
+                    t.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+            if all(d in out for d in todo):
+                return
+
+    def _mark_bad(self, peer: PeerRef, reason: str, digest: str | None) -> None:
+        self._bad_until[peer.id] = time.monotonic() + BAD_PEER_PAUSE
+        self.metrics.bad_peer_reports.labels(reason).inc()
+        if self.tracker is not None:
+            self.tracker.report(peer.id, reason, digest)
+
+    async def _peer_batch(self, peer: PeerRef, digests: list[str], wants: dict[str, ChunkWant],
+                          out: dict[str, Outcome], t0: float) -> None:
+        """Ask ``peer`` for ``digests`` in one request; verified chunks land in ``out``."""
+        got_any = False
+        current: str | None = None
+        try:
+            async with asyncio.timeout(self.config.peer_timeout):
+                async with self._http().post(f"{peer.address}/chunks",
+                                             json={"digests": digests}) as resp:
+                    if resp.status in (429, 503):
+                        raise _Busy
+                    if resp.status != 200:
+                        log.info("peer %s answered HTTP %d", peer.id, resp.status)
+                        return
+                    for _ in digests:
+                        try:
+                            head = await resp.content.readexactly(chunkfile.FRAME_HEADER_SIZE)
+                        except asyncio.IncompleteReadError as exc:
+                            if not exc.partial:
+                                return  # fewer frames than asked: the rest go elsewhere
+                            raise IntegrityError("truncated frame header") from exc
+                        raw, status, length = chunkfile.parse_frame_header(head)
+                        d = raw.hex()
+                        current = d
+                        if d not in wants:
+                            raise IntegrityError(f"peer sent chunk {d} that was not asked for")
+                        body = await resp.content.readexactly(length)
+                        got_any = True
+                        if status != chunkfile.FRAME_FOUND:
+                            continue
+                        w = wants[d]
+                        await self._verify(body, d, w.uncompressed_size)
+                        if d not in out:
+                            out[d] = Outcome(d, origin="peer", data=body)
+                            self.metrics.delivered("peer", len(body), time.monotonic() - t0)
+                            await self._keep(d, body)
+        except _Busy:
+            return
+        except IntegrityError as exc:
+            self.metrics.verification_failures.labels("peer").inc()
+            log.warning("peer %s (%s) sent bad data: %s", peer.id, peer.address, exc)
+            self._mark_bad(peer, "corrupt", current)
+        except asyncio.IncompleteReadError:  # the peer went away mid-body
+            self._mark_bad(peer, "error", current)
+        except TimeoutError:
+            self._mark_bad(peer, "timeout", None)
+        except aiohttp.ClientConnectorError:
+            self._mark_bad(peer, "refused", None)
+        except (aiohttp.ClientError, OSError) as exc:
+            log.info("peer %s failed: %s", peer.id, exc)
+            self._mark_bad(peer, "error", None if got_any else current)
+
+    async def _verify(self, body: bytes, digest: str, size: int) -> None:
+        raw = bytes.fromhex(digest)
+        if size and size <= INLINE_VERIFY:
+            chunkfile.unpack_verified(body, raw, size or None)
+        else:
+            await asyncio.to_thread(chunkfile.unpack_verified, body, raw, size or None)
+
+    async def _keep(self, digest: str, data: bytes) -> None:
+        evicted = await self.store.put(digest, data)
+        if evicted:
+            self.metrics.evictions.inc(len(evicted))
+        if self.tracker is not None:
+            if evicted:
+                self.tracker.withdraw(evicted)
+            if digest in self.store:
+                self.tracker.announce([digest])
+
+    # -- source ---------------------------------------------------------------------------
+
+    async def _from_source(self, todo: dict[str, ChunkWant], out: dict[str, Outcome],
+                           t0: float) -> None:
+        by_source: dict[SourceLocation, list[ChunkWant]] = {}
+        for d, w in todo.items():
+            if w.source is None or not w.blob:
+                out[d] = Outcome(d, error=FetchError(
+                    f"chunk {d}: no peer has it and no source was given", code="not_found"))
+                continue
+            by_source.setdefault(w.source, []).append(w)
+        jobs = []
+        for loc, ws in by_source.items():
+            ws.sort(key=lambda w: (w.blob, w.offset))
+            step = max(self.config.batch, 1) * 4  # neighbours in one batch merge into one GET
+            jobs += [self._source_batch(loc, ws[i:i + step], out, t0)
+                     for i in range(0, len(ws), step)]
+        await asyncio.gather(*jobs)
+
+    async def _source_batch(self, loc: SourceLocation, ws: list[ChunkWant],
+                            out: dict[str, Outcome], t0: float) -> None:
+        def fail(code: str, msg: str) -> None:
+            for w in ws:
+                out[w.digest] = Outcome(w.digest, error=FetchError(
+                    f"chunk {w.digest}: {msg}", code=code))
+
+        try:
+            backend = self.sources.backend(loc)
+        except RequestError as exc:
+            fail("bad_request", str(exc))
+            return
+        async with self._source_slots:
+            try:
+                datas = await backend.read_many(
+                    [RangeRequest(w.blob, w.offset, w.size) for w in ws])
+            except NotFoundError as exc:
+                fail("not_found", f"{loc.describe()}: {exc}")
+                return
+            except StorageError as exc:
+                fail("unavailable", f"{loc.describe()}: {exc}")
+                return
+        for w, payload in zip(ws, datas, strict=True):
+            d = w.digest
+            try:
+                if w.uncompressed_size <= INLINE_VERIFY:
+                    decode(payload, w.flags, w.uncompressed_size, bytes.fromhex(d))
+                else:
+                    await asyncio.to_thread(decode, payload, w.flags, w.uncompressed_size,
+                                            bytes.fromhex(d))
+                data = chunkfile.pack(payload, w.flags, w.uncompressed_size, bytes.fromhex(d))
+            except (IntegrityError, ValueError) as exc:
+                self.metrics.verification_failures.labels("source").inc()
+                out[d] = Outcome(d, error=FetchError(
+                    f"{loc.describe()}: {exc}", code="integrity"))
+                continue
+            out[d] = Outcome(d, origin="source", data=data)
+            self.metrics.delivered("source", len(data), time.monotonic() - t0)
+            await self._keep(d, data)

@@ -1,0 +1,268 @@
+"""The peer's chunk store: chunk files by digest on local disk, bounded by a quota.
+
+This is the node's one on-disk chunk cache (nydusfs keeps none of its own with ``backend:
+dragonfly``): the local API hands out paths into it, the upload server serves from it, the
+fetcher fills it. Layout under ``data_dir``::
+
+    chunks/<first 2 hex>/<64 hex blake3>    one chunk file (``nydusfs.format.chunkfile``)
+    tmp/<random>                            writes in progress
+
+Contracts:
+
+* Content addressed: a file's name is the blake3 of its decoded bytes; names are only built
+  from digests that passed :func:`check_digest` (64 lowercase hex), so nothing else on disk can
+  be named through the store.
+* Atomic writes: a chunk is written to ``tmp/`` and renamed into place; a reader never sees a
+  partial file. Files are not fsynced: after a crash a file may be short or garbage, which the
+  checks below catch.
+* Checked on read: :meth:`read` checks a file's structure (header, sizes, the digest inside
+  it); :meth:`read_verified` also decodes it and checks its blake3. A file that fails is
+  deleted and reported as missing, so the caller fetches it again. Files are written only after
+  the fetcher verified their bytes.
+* Quota: after a write, least recently used chunks are evicted until the total is within
+  ``quota``; :meth:`put` returns what it evicted so the agent withdraws it at the supernode.
+  Recency is in memory while the agent runs; at start-up it comes from file mtimes (the time
+  a chunk was written).
+* Restart: :meth:`open` rebuilds the index from the directory (dropping files whose header
+  does not check out and stale temp files) and returns every digest, which the agent announces.
+
+Index changes happen on the event loop only; all disk I/O runs in worker threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import tempfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from nydusfs.errors import IntegrityError
+from nydusfs.format import chunkfile
+
+__all__ = ["ChunkStore", "StoreStats", "check_digest"]
+
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+def check_digest(digest: str) -> bool:
+    """True when ``digest`` is a chunk digest the store may turn into a file name."""
+    return isinstance(digest, str) and _DIGEST.fullmatch(digest) is not None
+
+
+@dataclass(slots=True)
+class StoreStats:
+    chunks: int = 0
+    bytes: int = 0
+    evictions: int = 0
+    corrupt: int = 0  # files dropped because they failed a check
+    errors: int = 0  # writes that failed (disk full, permissions)
+
+
+class ChunkStore:
+    """Chunk files under ``data_dir`` with LRU eviction at ``quota`` bytes (module docstring)."""
+
+    def __init__(self, data_dir: Path, quota: int) -> None:
+        if quota < 0:
+            raise ValueError(f"quota must be >= 0, got {quota}")
+        self.dir = Path(data_dir)
+        self.quota = quota
+        self._chunks = self.dir / "chunks"
+        self._tmp = self.dir / "tmp"
+        self._index: OrderedDict[str, int] = OrderedDict()  # digest -> file size, LRU first
+        self._total = 0
+        self.counters = StoreStats()
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def open(self) -> list[str]:
+        """Create the directories, rebuild the index; every digest held (oldest first).
+
+        Raises ``OSError`` when the directory cannot be created or listed.
+        """
+        found = await asyncio.to_thread(self._scan)
+        self._index = OrderedDict((d, size) for d, size, _ in found)
+        self._total = sum(size for _, size, _ in found)
+        evicted = self._evict_over_quota()  # the quota may have shrunk since the last run
+        if evicted:
+            await asyncio.to_thread(self._unlink_many, evicted)
+        return list(self._index)
+
+    def _scan(self) -> list[tuple[str, int, float]]:
+        self._chunks.mkdir(parents=True, exist_ok=True)
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        for entry in os.scandir(self._tmp):  # writers that died
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+        found: list[tuple[str, int, float]] = []
+        for sub in os.scandir(self._chunks):
+            if not sub.is_dir(follow_symlinks=False):
+                continue
+            for entry in os.scandir(sub.path):
+                name = entry.name
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                    ok = (check_digest(name) and name[:2] == sub.name and entry.is_file(
+                        follow_symlinks=False) and self._header_ok(entry.path, name, st.st_size))
+                except OSError:
+                    ok = False
+                if not ok:
+                    self.counters.corrupt += 1
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
+                    continue
+                found.append((name, st.st_size, st.st_mtime))
+        found.sort(key=lambda t: t[2])
+        return found
+
+    @staticmethod
+    def _header_ok(path: str, digest: str, size: int) -> bool:
+        """The header says chunk ``digest`` and a payload that fills the file (not decoded:
+        a full check of every file would make a restart cost a read of the whole store)."""
+        with open(path, "rb") as f:
+            head = f.read(chunkfile.HEADER_SIZE)
+        return (len(head) == chunkfile.HEADER_SIZE and head[:4] == chunkfile.MAGIC
+                and head[16:48].hex() == digest
+                and int.from_bytes(head[12:16], "little") == size - chunkfile.HEADER_SIZE)
+
+    # -- queries --------------------------------------------------------------------------
+
+    def __contains__(self, digest: str) -> bool:
+        return digest in self._index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def digests(self) -> list[str]:
+        return list(self._index)
+
+    @property
+    def total(self) -> int:
+        return self._total
+
+    def stats(self) -> StoreStats:
+        self.counters.chunks = len(self._index)
+        self.counters.bytes = self._total
+        return self.counters
+
+    def path_of(self, digest: str) -> Path:
+        if not check_digest(digest):
+            raise ValueError(f"not a chunk digest: {digest!r}")
+        return self._chunks / digest[:2] / digest
+
+    def touch(self, digest: str) -> bool:
+        """Mark ``digest`` recently used; False when the store does not hold it."""
+        if digest not in self._index:
+            return False
+        self._index.move_to_end(digest)
+        return True
+
+    async def read(self, digest: str) -> bytes | None:
+        """The chunk file, structure-checked (not decoded); None when missing or dropped."""
+        if not self.touch(digest):
+            return None
+        try:
+            data = await asyncio.to_thread(self._read_file, digest)
+        except FileNotFoundError:
+            self._forget(digest)
+            return None
+        except OSError:
+            return None
+        try:
+            chunkfile.unpack(data, bytes.fromhex(digest))
+        except IntegrityError:
+            await self.drop(digest, corrupt=True)
+            return None
+        return data
+
+    async def read_verified(self, digest: str, uncompressed_size: int | None = None
+                            ) -> bytes | None:
+        """The chunk file after a full decode and blake3 check; a bad file is dropped."""
+        data = await self.read(digest)
+        if data is None:
+            return None
+        try:
+            await asyncio.to_thread(chunkfile.unpack_verified, data, bytes.fromhex(digest),
+                                    uncompressed_size)
+        except IntegrityError:
+            await self.drop(digest, corrupt=True)
+            return None
+        return data
+
+    def _read_file(self, digest: str) -> bytes:
+        with open(self.path_of(digest), "rb") as f:
+            return f.read(chunkfile.MAX_FRAME_BODY + 1)
+
+    # -- changes --------------------------------------------------------------------------
+
+    async def put(self, digest: str, data: bytes) -> list[str]:
+        """Store a verified chunk file atomically; the digests evicted to make room.
+
+        A chunk bigger than the quota is not stored. Disk trouble is counted, not raised: the
+        chunk was fetched and is delivered from memory anyway.
+        """
+        path = self.path_of(digest)
+        if digest in self._index:
+            self._index.move_to_end(digest)
+            return []
+        if len(data) > self.quota:
+            return []
+        try:
+            await asyncio.to_thread(self._write, path, data)
+        except OSError:
+            self.counters.errors += 1
+            return []
+        if digest not in self._index:
+            self._index[digest] = len(data)
+            self._total += len(data)
+        evicted = self._evict_over_quota(keep=digest)
+        if evicted:
+            await asyncio.to_thread(self._unlink_many, evicted)
+        return evicted
+
+    def _write(self, path: Path, data: bytes) -> None:
+        path.parent.mkdir(exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self._tmp)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def _evict_over_quota(self, keep: str | None = None) -> list[str]:
+        victims: list[str] = []
+        while self._total > self.quota and self._index:
+            digest, size = next(iter(self._index.items()))
+            if digest == keep:
+                if len(self._index) == 1:
+                    break
+                self._index.move_to_end(digest)
+                continue
+            del self._index[digest]
+            self._total -= size
+            victims.append(digest)
+        self.counters.evictions += len(victims)
+        return victims
+
+    def _unlink_many(self, digests: list[str]) -> None:
+        for d in digests:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path_of(d))
+
+    def _forget(self, digest: str) -> None:
+        size = self._index.pop(digest, None)
+        if size is not None:
+            self._total -= size
+
+    async def drop(self, digest: str, *, corrupt: bool = False) -> None:
+        """Remove a chunk (a bad file, or one found missing); the caller withdraws it."""
+        self._forget(digest)
+        if corrupt:
+            self.counters.corrupt += 1
+        await asyncio.to_thread(self._unlink_many, [digest])

@@ -1,0 +1,212 @@
+"""The upload server: other peers fetch chunks from this node's store here (aiohttp).
+
+Routes (docs/api.md, "Peer upload API")::
+
+    GET  /chunks/{digest}     one chunk file (application/octet-stream), 404 if not held
+    POST /chunks              {"digests": [...]} -> framed chunk batch (format.chunkfile)
+    GET  /healthz             (no token needed)
+
+Only digest-named chunk files are reachable: the one path parameter must be 64 lowercase hex
+digits (anything else does not match a route: 404) and becomes a file name only through
+:meth:`ChunkStore.path_of`; there is no static file serving, no directory listing.
+
+Limits: at most ``upload.max_concurrent`` requests are served at once; one more is refused at
+once with 429 and ``Retry-After`` (the requester tries another peer rather than queueing
+here). All uploads share one ``upload.rate`` budget (bytes per second), paced as they are
+written. With a cluster token configured every request but ``/healthz`` must carry
+``Authorization: Bearer <token>`` (401 otherwise).
+
+Chunk files are sent as stored, after a structure check (header, sizes, digest inside): the
+server does not decode them (a zstd decode and blake3 per upload would halve what a node can
+serve, and the receiver must verify anyway, since it cannot trust any sender). A store that went
+bad on disk is found by its readers' reports (and the supernode's quarantine) and by the agent's
+own full checks when a local client re-asks for a chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from dfagent.metrics import PeerMetrics
+from dfagent.peer.store import ChunkStore, check_digest
+from nydusfs.format import chunkfile
+
+__all__ = ["MAX_BATCH", "Pacer", "UploadLimits", "make_upload_app"]
+
+MAX_BATCH = 256  # digests per batch request
+WRITE_PIECE = 256 << 10  # bytes written (and paced) at a time
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Pacer:
+    """A shared bandwidth budget: :meth:`take` waits until ``n`` bytes may be sent.
+
+    A virtual clock of when the link is next free (plus one second of burst), so concurrent
+    uploads share ``rate`` fairly in arrival order. ``rate`` 0 means unlimited.
+    """
+
+    def __init__(self, rate: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self._clock = clock
+        self._free_at = 0.0
+
+    def delay(self, n: int) -> float:
+        """Reserve ``n`` bytes; the seconds to wait before sending them."""
+        if self.rate <= 0:
+            return 0.0
+        now = self._clock()
+        self._free_at = max(self._free_at, now - 1.0) + n / self.rate
+        return max(0.0, self._free_at - now - 1.0)
+
+    async def take(self, n: int) -> None:
+        wait = self.delay(n)
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+
+class UploadLimits:
+    def __init__(self, max_concurrent: int, rate: int) -> None:
+        self.max_concurrent = max_concurrent
+        self.pacer = Pacer(rate)
+        self.active = 0
+
+
+STORE: web.AppKey[ChunkStore] = web.AppKey("store", ChunkStore)
+LIMITS: web.AppKey[UploadLimits] = web.AppKey("limits", UploadLimits)
+METRICS: web.AppKey[PeerMetrics] = web.AppKey("metrics", PeerMetrics)
+
+
+def _auth_middleware(token: str, metrics: PeerMetrics) -> Middleware:
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def mw(request: web.Request, handler: _Handler) -> web.StreamResponse:
+        if request.path != "/healthz":
+            given = request.headers.get("Authorization", "").encode("utf-8", "replace")
+            if not hmac.compare_digest(given, expected):
+                metrics.upload_rejections.labels("unauthorized").inc()
+                return web.json_response(
+                    {"error": {"code": "unauthorized", "message": "missing or wrong cluster "
+                               "token (Authorization: Bearer TOKEN)"}}, status=401,
+                    headers={"WWW-Authenticate": 'Bearer realm="dfagent"'})
+        return await handler(request)
+
+    return mw
+
+
+def _busy(metrics: PeerMetrics) -> web.Response:
+    metrics.upload_rejections.labels("busy").inc()
+    return web.json_response({"error": {"code": "busy", "message": "too many uploads; "
+                                        "try another peer"}}, status=429,
+                             headers={"Retry-After": "1"})
+
+
+class _Slot:
+    """One of ``max_concurrent`` upload slots, or None when all are taken."""
+
+    def __init__(self, request: web.Request) -> None:
+        self.limits = request.app[LIMITS]
+        self.metrics = request.app[METRICS]
+
+    def acquire(self) -> bool:
+        if self.limits.active >= self.limits.max_concurrent:
+            return False
+        self.limits.active += 1
+        self.metrics.uploads_active.set(self.limits.active)
+        return True
+
+    def release(self) -> None:
+        self.limits.active -= 1
+        self.metrics.uploads_active.set(self.limits.active)
+
+
+async def _send(resp: web.StreamResponse, data: bytes | memoryview, pacer: Pacer,
+                metrics: PeerMetrics) -> None:
+    view = memoryview(data)
+    # Paced uploads write small pieces (an eighth of a second's worth), so a slow upload
+    # notices a requester that went away, and a stopping server does not wait long for it.
+    step = WRITE_PIECE if pacer.rate <= 0 else max(4096, min(WRITE_PIECE, pacer.rate // 8))
+    for i in range(0, len(view), step):
+        piece = view[i:i + step]
+        await pacer.take(len(piece))
+        await resp.write(piece)
+    metrics.upload_bytes.inc(len(view))
+
+
+async def _get_chunk(request: web.Request) -> web.StreamResponse:
+    digest = request.match_info["digest"]
+    slot = _Slot(request)
+    if not slot.acquire():
+        return _busy(slot.metrics)
+    try:
+        data = await request.app[STORE].read(digest)
+        if data is None:
+            return web.json_response({"error": {"code": "not_found",
+                                                "message": f"chunk {digest} not held"}},
+                                     status=404)
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        resp.content_length = len(data)
+        await resp.prepare(request)
+        await _send(resp, data, slot.limits.pacer, slot.metrics)
+        slot.metrics.uploads.inc()
+        await resp.write_eof()
+        return resp
+    finally:
+        slot.release()
+
+
+async def _get_batch(request: web.Request) -> web.StreamResponse:
+    try:
+        body = await request.json(loads=json.loads)
+    except (ValueError, UnicodeDecodeError):
+        body = None
+    digests = body.get("digests") if isinstance(body, dict) else None
+    if (not isinstance(digests, list) or not digests or len(digests) > MAX_BATCH
+            or not all(check_digest(d) for d in digests)):
+        return web.json_response({"error": {"code": "bad_request", "message":
+                                            f"digests: expected 1-{MAX_BATCH} chunk digests "
+                                            "(64 lowercase hex)"}}, status=400)
+    slot = _Slot(request)
+    if not slot.acquire():
+        return _busy(slot.metrics)
+    try:
+        store = request.app[STORE]
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-dfagent-chunks"})
+        await resp.prepare(request)
+        for d in dict.fromkeys(digests):
+            data = await store.read(d)
+            raw = bytes.fromhex(d)
+            if data is None:
+                await resp.write(chunkfile.pack_frame(raw, chunkfile.FRAME_NOT_FOUND))
+                continue
+            await resp.write(chunkfile.frame_header(raw, chunkfile.FRAME_FOUND, len(data)))
+            await _send(resp, data, slot.limits.pacer, slot.metrics)
+            slot.metrics.uploads.inc()
+        await resp.write_eof()
+        return resp
+    finally:
+        slot.release()
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+def make_upload_app(store: ChunkStore, metrics: PeerMetrics, *, max_concurrent: int,
+                    rate: int, token: str | None) -> web.Application:
+    middlewares: list[Middleware] = [_auth_middleware(token, metrics)] if token else []
+    app = web.Application(middlewares=middlewares, client_max_size=1 << 20)
+    app[STORE] = store
+    app[LIMITS] = UploadLimits(max_concurrent, rate)
+    app[METRICS] = metrics
+    app.router.add_get(r"/chunks/{digest:[0-9a-f]{64}}", _get_chunk, allow_head=False)
+    app.router.add_post("/chunks", _get_batch)
+    app.router.add_get("/healthz", _healthz)
+    return app

@@ -1,0 +1,105 @@
+"""The fetch path in one process, real sockets: single flight, a frozen supernode, hedging.
+
+Agents are real (``start_peer``: upload server on loopback TCP, local API on a Unix socket);
+the supernode is the real server (``start_supernode``). A "frozen" supernode is a socket that
+accepts connections and never answers, as a stopped process does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from dfagent.peer.agent import RunningPeer, start_peer
+from dfagent.peer.config import FetchConfig, PeerConfig, UploadConfig
+from dfagent.peer.fetcher import ChunkWant
+from dfagent.peer.source import parse_location
+from dfagent.supernode.config import SupernodeConfig
+from dfagent.supernode.server import start_supernode
+from nydusfs.config import HostPort
+
+from .helpers import Chunk, blob_of, chunk, run
+
+
+def _wants(tmp: Path, chunks: list[Chunk]) -> list[ChunkWant]:
+    _, items = blob_of(chunks, tmp / "blobs")
+    loc = parse_location({"type": "localfs", "dir": str(tmp / "blobs")}, "source")
+    return [ChunkWant(i["digest"], loc, i["blob"], i["offset"], i["size"],
+                      i["uncompressed_size"], i["flags"]) for i in items]
+
+
+async def _peer(tmp: Path, name: str, supernodes: list[str], **kw: object) -> RunningPeer:
+    cfg = PeerConfig(id=name, listen=HostPort("127.0.0.1", 0), socket=tmp / f"{name}.sock",
+                     data_dir=tmp / name, supernodes=tuple(supernodes),
+                     **kw)  # type: ignore[arg-type]
+    return await start_peer(cfg)
+
+
+def test_single_flight_and_a_frozen_supernode(tmp_path: Path) -> None:
+    async def go() -> None:
+        async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await asyncio.sleep(3600)
+
+        frozen = await asyncio.start_server(mute, "127.0.0.1", 0)
+        port = frozen.sockets[0].getsockname()[1]
+        peer = await _peer(tmp_path, "a", [f"http://127.0.0.1:{port}"],
+                           fetch=FetchConfig(lookup_timeout=0.2))
+        try:
+            assert peer.swarm is not None and not peer.swarm.connected
+            wants = _wants(tmp_path, [chunk(50_000) for _ in range(8)])
+            results = await asyncio.gather(*(peer.fetcher.get_many(wants) for _ in range(5)))
+            for outcomes in results:
+                assert [o.digest for o in outcomes] == [w.digest for w in wants]
+                assert all(o.error is None for o in outcomes)
+            # five requesters, one read of each chunk from the source
+            assert peer.metrics.delivered_by["source"] == len(wants)
+            (stats,) = peer.sources.stats().values()
+            assert stats["bytes"] == sum(w.size for w in wants)
+            assert peer.metrics.delivered_by["peer"] == 0
+        finally:
+            await peer.close()
+            frozen.close()
+
+    run(go())
+
+
+def test_slow_peer_is_hedged_and_bad_source_data_is_refused(tmp_path: Path) -> None:
+    async def go() -> None:
+        sn = await start_supernode(SupernodeConfig(listen=HostPort("127.0.0.1", 0)))
+        urls = [sn.url]
+        fetch = FetchConfig(lookup_timeout=5.0, hedge_after=0.3, peer_timeout=60.0)
+        # Same zone as the requester: the supernode ranks the slow peer first, every time.
+        slow = await _peer(tmp_path, "slow", urls, upload=UploadConfig(rate=16 << 10),
+                           zone="z1")
+        fast = await _peer(tmp_path, "fast", urls, zone="z2")
+        req = await _peer(tmp_path, "req", urls, fetch=fetch, zone="z1")
+        try:
+            big = chunk(400_000)  # 25 s from the slow peer alone
+            wants = _wants(tmp_path, [big])
+            for p in (slow, fast):
+                (o,) = await p.fetcher.get_many(wants)
+                assert o.origin == "source"
+            for _ in range(500):  # bounded: both announced
+                view = await sn.scheduler.lookup([big.digest], k=4)
+                if len(view.chunks.get(big.digest, [])) == 2:
+                    break
+                await asyncio.sleep(0.02)
+            # Strip the source: only peers can serve now.
+            (tmp_path / "blobs" / wants[0].blob).unlink()
+            (o,) = await asyncio.wait_for(req.fetcher.get_many(wants), 20)
+            assert o.origin == "peer" and o.error is None  # the hedge to fast won
+
+            # A source whose bytes do not match the digest: refused, never stored.
+            liar = chunk(1000)
+            (w,) = _wants(tmp_path / "liar", [liar])
+            blob = tmp_path / "liar" / "blobs" / w.blob
+            blob.write_bytes(b"\x00" * blob.stat().st_size)
+            (o,) = await req.fetcher.get_many([w])
+            assert o.error is not None and o.error.code == "integrity"
+            assert liar.digest not in req.store
+        finally:
+            for p in (req, fast, slow):
+                await p.close()
+            await sn.close()
+
+    run(go())
