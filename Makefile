@@ -27,8 +27,8 @@ APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev \
 BENCH_RUNS ?= 3
 
 .PHONY: help setup system-packages venv demo lint test bench bench-rootfs bench-lookup \
-        bench-build bench-read bench-convert bench-coldstart bench-supernode bench-report \
-        clean distclean
+        bench-build bench-read bench-convert bench-coldstart bench-supernode bench-fanout \
+        bench-upload bench-report clean distclean
 
 help:
 	@echo "make demo       set up, then build/inspect/check a sample image (scripts/demo.sh)"
@@ -39,6 +39,8 @@ help:
 	@echo "make bench-convert    nydusfs convert vs skopeo copy in a local registry (root)"
 	@echo "make bench-coldstart  container cold start over a shaped link: lazy mount vs full pull"
 	@echo "make bench-supernode  supernode lookups/announces per core (memory, Redis)"
+	@echo "make bench-fanout     N nodes in network namespaces: registry vs P2P (root, ~10 min)"
+	@echo "make bench-upload     dfagent peer upload server throughput"
 	@echo "make setup      apt packages (only if missing) + $(VENV) with the package (editable, dev extras)"
 	@echo "make clean      remove caches and bench/.cache;  make distclean  also removes $(VENV)"
 
@@ -86,7 +88,7 @@ test: lint
 # write docs/benchmarks.md. Each step can be run alone; bench-report merges whatever results
 # bench/.cache/results/ holds.
 bench: bench-lookup bench-build bench-read bench-convert bench-coldstart bench-supernode \
-       bench-report
+       bench-fanout bench-upload bench-report
 
 bench-rootfs: setup
 	bench/rootfs.sh
@@ -115,6 +117,15 @@ bench-coldstart: setup
 # Supernode lookups/s and announces/s per core, memory and Redis stores; bytes per index entry.
 bench-supernode: setup
 	$(BIN)/python bench/supernode_bench.py --runs $(BENCH_RUNS)
+
+# N nodes (default 8) in network namespaces with shaped links read a ~200 MB image at once:
+# straight from the registry vs through dfagent peers (root, ~10 min).
+bench-fanout: setup
+	$(BIN)/python bench/fanout_bench.py --runs $(BENCH_RUNS)
+
+# The peer upload server's throughput for 1 MiB chunks vs an aiohttp static file server.
+bench-upload: setup
+	$(BIN)/python bench/upload_bench.py --runs $(BENCH_RUNS)
 
 bench-report: setup
 	$(BIN)/python bench/report.py

@@ -21,6 +21,9 @@ GOAL_EGRESS = 1.05  # registry egress / image size (DESIGN §6)
 GOAL_TIME = 1.3  # completion time / lower bound
 
 MB = 1e6
+_SOURCE = 'dfagent_peer_bytes_total{origin="source"}'
+_PEER = 'dfagent_peer_bytes_total{origin="peer"}'
+_BUSY = 'dfagent_peer_upload_rejections_total{reason="busy"}'
 _LABELS = {"registry": "registry only (baseline)", "p2p": "P2P (dfagent, backend: dragonfly)"}
 
 
@@ -92,19 +95,35 @@ def fanout_section(r: dict[str, Any] | None, number: int) -> list[str]:
                     "than the same nodes pulling straight from it."]
     p2p = r["samples"].get("p2p") or []
     if p2p:
-        peer = median([_origin_bytes(s, "peer") for s in p2p])
+        from_peers = median([_origin_bytes(s, "peer") for s in p2p])
         source = median([_origin_bytes(s, "source") for s in p2p])
         first = median([min(s["node_seconds"].values()) for s in p2p])
         out += [
             "",
             f"Where the P2P nodes' chunk bytes came from (medians, all nodes together, from "
             f"their `dfagent_peer_bytes_total`): {source / MB:.0f} MB from the registry, "
-            f"{peer / MB:.0f} MB from peers ({100 * peer / max(peer + source, 1):.0f}%); "
+            f"{from_peers / MB:.0f} MB from peers "
+            f"({100 * from_peers / max(from_peers + source, 1):.0f}%); "
             f"first node done after {first:.1f} s. *machine CPU* is the CPU time of the whole "
             f"machine during the sample (2 cores: at most 2 CPU-s per second) — every mount "
             "and every peer is a Python process, so with many nodes on one small machine CPU, "
             "not the links, can be what limits completion.",
         ]
+        s = sorted(p2p, key=lambda x: x["seconds"])[len(p2p) // 2]  # the median sample
+        out += ["", f"Per node, the median P2P sample ({s['seconds']:.1f} s): bytes by origin "
+                    "and uploads from its agent's metrics; *busy* = upload requests it refused "
+                    "with 429 (`upload.max_concurrent` reached).", "",
+                "| node | done after | from registry | from peers | uploaded | busy |",
+                "|---|---:|---:|---:|---:|---:|"]
+        for node in sorted(s["node_seconds"], key=lambda x: int(x[1:]) if x[1:].isdigit()
+                           else 0):
+            met = s["peer_metrics"].get(node, {})
+            src = met.get(_SOURCE, 0.0) / MB
+            peer = met.get(_PEER, 0.0) / MB
+            up = met.get("dfagent_peer_upload_bytes_total", 0.0) / MB
+            busy = met.get(_BUSY, 0.0)
+            out.append(f"| {node} | {s['node_seconds'][node]:.1f} s | {src:.0f} MB | "
+                       f"{peer:.0f} MB | {up:.0f} MB | {busy:.0f} |")
     return [*out, ""]
 
 

@@ -5,11 +5,17 @@
 # registry part: start a local docker-registry, build a multi-layer OCI image from Debian
 # packages (bench/oci_images.py: umoci, one layer per group of packages plus one that deletes,
 # changes and adds files), push it with skopeo, `nydusfs convert` it, mount the result straight
-# from the registry, start python3 from the mount, and show how little of the image was fetched.
+# from the registry, start a python3 container from it with runc (on an overlay with a tmpfs
+# upper), and show how little of the image was fetched. Then the local P2P cluster: a registry,
+# `dfagent supernode` and three `dfagent peer`s, each in its own network namespace with a
+# shaped link (bench/netlab.py; plain loopback ports where namespaces cannot be made), the
+# image mounted on every peer with `backend: dragonfly`, the container started on each, and a
+# report of the bytes that came from the registry and from peers.
 # Exits non-zero on the first step that does not behave as described. Needs the virtualenv and
-# the packages `make setup` installs (the registry part needs root and the apt package lists;
-# without root it is skipped, saying so). Everything it writes lives in a temporary directory;
-# mounts are unmounted and the registry stopped (by PID) on exit, also when interrupted.
+# the packages `make setup` installs (the registry and cluster parts need root and the apt
+# package lists; without root they are skipped, saying so). Everything it writes lives in a
+# temporary directory; containers are deleted, mounts unmounted, processes stopped by PID and
+# the namespaces deleted on exit, also when interrupted.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -18,22 +24,40 @@ PY=$ROOT/.venv/bin/python
 [ -x "$NYDUSFS" ] || { echo "demo: $NYDUSFS not found; run 'make setup' first" >&2; exit 1; }
 
 T=$(mktemp -d "${TMPDIR:-/tmp}/nydusfs-demo.XXXXXX")
-REG_PID=""
+LAB_PREFIX=dff-demo$$-
+LAB_UP=""
+PIDS=()          # processes we started (registries, supernode, peers, mount daemons), by PID
+MOUNTS=()        # overlays and tmpfs we mounted, in order (unmounted in reverse)
+NYDUS_MOUNTS=()  # nydusfs mounts of the cluster part (unmounted after the overlays)
+CONTAINERS=()    # runc containers, deleted by id
+stop_pid() {
+    local pid=$1
+    kill "$pid" 2> /dev/null || return 0
+    for _ in $(seq 50); do kill -0 "$pid" 2> /dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2> /dev/null || true
+    wait "$pid" 2> /dev/null || true
+}
 cleanup() {
-    local m
-    for m in "$T/rmnt" "$T/mnt"; do
+    local i m
+    trap '' INT TERM HUP
+    for i in "${CONTAINERS[@]}"; do
+        runc --root "$T/runc" delete --force "$i" > /dev/null 2>&1 || true
+    done
+    for ((i = ${#MOUNTS[@]} - 1; i >= 0; i--)); do        # overlays and their tmpfs first
+        m=${MOUNTS[i]}
+        if mountpoint -q "$m" 2> /dev/null; then umount "$m" 2> /dev/null || umount -l "$m" || true; fi
+    done
+    for m in "${NYDUS_MOUNTS[@]}" "$T/rmnt" "$T/mnt"; do  # then the FUSE mounts below them
         if mountpoint -q "$m" 2> /dev/null; then
             "$NYDUSFS" umount "$m" > /dev/null 2>&1 || umount -l "$m" 2> /dev/null || true
         fi
     done
-    if [ -n "$REG_PID" ]; then
-        kill "$REG_PID" 2> /dev/null || true
-        for _ in $(seq 50); do kill -0 "$REG_PID" 2> /dev/null || break; sleep 0.1; done
-        kill -9 "$REG_PID" 2> /dev/null || true
-        wait "$REG_PID" 2> /dev/null || true
-    fi
+    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do stop_pid "${PIDS[i]}"; done
+    if [ -n "$REG_PID" ]; then stop_pid "$REG_PID"; fi
+    if [ -n "$LAB_UP" ]; then "$PY" "$ROOT/bench/netlab.py" down --prefix "$LAB_PREFIX" || true; fi
     rm -rf "$T"
 }
+REG_PID=""
 trap cleanup EXIT
 trap 'exit 130' INT TERM HUP
 
@@ -163,6 +187,39 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 0
 fi
 
+# run_container LOWER DIR ID: runc runs the image's Cmd (from $T/image-config.json) on an overlay
+# of LOWER (a nydusfs mount) under a tmpfs upper, as a container runtime would; it must print
+# "ready". The container gets its own namespaces (runc spec's defaults).
+run_container() {
+    local lower=$1 dir=$2 id=$3
+    mkdir -p "$dir/rw" "$dir/merged" "$dir/bundle"
+    mount -t tmpfs -o size=64m tmpfs "$dir/rw" || fail "tmpfs for the overlay's upper"
+    MOUNTS+=("$dir/rw")
+    mkdir -p "$dir/rw/upper" "$dir/rw/work"
+    mount -t overlay overlay -o "lowerdir=$lower,upperdir=$dir/rw/upper,workdir=$dir/rw/work" \
+        "$dir/merged" || fail "overlay over $lower"
+    MOUNTS+=("$dir/merged")
+    runc spec --bundle "$dir/bundle" || fail "runc spec"
+    "$PY" - "$dir/bundle/config.json" "$T/image-config.json" "$dir/merged" <<'PYEOF' || fail "runc config"
+import json, sys
+path, image, root = sys.argv[1:]
+c, img = json.load(open(path)), json.load(open(image)).get("config", {})
+c["process"].update(terminal=False, args=img.get("Entrypoint", []) + img.get("Cmd", []),
+                    cwd=img.get("WorkingDir") or "/")
+c["process"]["env"] = img.get("Env", c["process"]["env"])
+c["root"] = {"path": root, "readonly": False}
+json.dump(c, open(path, "w"), indent=1)
+PYEOF
+    CONTAINERS+=("$id")
+    local out
+    out=$(timeout 60 runc --root "$T/runc" run --bundle "$dir/bundle" "$id" < /dev/null) \
+        || fail "runc run $id (exit $?)"
+    [ "$out" = ready ] || fail "container $id printed '$out', expected 'ready'"
+    runc --root "$T/runc" delete --force "$id" > /dev/null 2>&1 || true
+    echo "    runc run $id  (rootfs: overlay, lower = $lower, upper = tmpfs)  ->  $out"
+    umount "$dir/merged" && umount "$dir/rw" || fail "unmounting the overlay"
+}
+
 step "A local registry: docker-registry (distribution) on a free loopback port"
 PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 REG=127.0.0.1:$PORT
@@ -221,7 +278,7 @@ PYEOF
 layers "$REG/demo/python:nydus"
 cp "$T/manifest.json" "$T/nydus-manifest.json"
 
-step "nydusfs mount $REG/demo/python:nydus (backend registry, empty disk cache); python3 from it"
+step "nydusfs mount $REG/demo/python:nydus (backend registry, empty disk cache); a container from it"
 mkdir -p "$T/rmnt"
 printf 'cache: {dir: %s}\n' "$T/cache" > "$T/registry-mount.yaml"
 "$NYDUSFS" mount "$REG/demo/python:nydus" "$T/rmnt" --config "$T/registry-mount.yaml" \
@@ -231,9 +288,9 @@ mountpoint -q "$T/rmnt" || fail "$T/rmnt is not a mount point"
 grep -q "edited by the image's last layer" "$T/rmnt/etc/python3.11/sitecustomize.py" \
     || fail "the last layer's change to etc/python3.11/sitecustomize.py is missing"
 echo "    whiteouts applied (no usr/share/doc); the last layer's edit and /app/main.py are there"
-out=$(chroot "$T/rmnt" /usr/bin/python3 -B /app/main.py) || fail "python3 from the mount"
-[ "$out" = ready ] || fail "python3 printed '$out', expected 'ready'"
-echo "    chroot $T/rmnt /usr/bin/python3 -B /app/main.py  ->  $out"
+skopeo inspect --config --tls-verify=false "docker://$REG/demo/python:nydus" > "$T/image-config.json" \
+    || fail "skopeo inspect --config"
+run_container "$T/rmnt" "$T/ctr-registry" "demo-$$-registry"
 "$NYDUSFS" stat "$T/rmnt" --json > "$T/rstat.json" || fail "nydusfs stat"
 "$PY" - "$T/rstat.json" "$T/nydus-manifest.json" <<'PYEOF'
 import json, sys
@@ -249,4 +306,155 @@ PYEOF
 "$NYDUSFS" umount "$T/rmnt" || fail "nydusfs umount"
 echo "    OK: unmounted"
 
-printf '\n%sdemo finished: build, inspect, check, reproducibility, integrity, a lazy mount, and convert + mount from a registry all OK%s\n' "$B" "$N"
+# ------------------------------------------------------------------------- the local P2P cluster
+# Hosts: reg (registry), sn (supernode), p1..p3 (peers). In network namespaces (bench/netlab.py:
+# one bridge, every link shaped both ways with tc tbf) each has its own address; without them
+# everything runs on loopback ports. `nsenter --net` enters only the network namespace, so the
+# FUSE mounts made there are visible here. DEMO_NO_NETNS=1 forces the loopback variant.
+step "A local P2P cluster: registry, supernode and three peers (each in its own network namespace where possible)"
+stop_pid "$REG_PID"; REG_PID=""   # the registry moves into the cluster (same storage)
+PEERS=(p1 p2 p3)
+declare -A IP NS PORT PEER_PID
+freeport() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+[ -z "${DEMO_NO_NETNS:-}" ] || echo "DEMO_NO_NETNS is set" > "$T/lab.err"
+if [ -z "${DEMO_NO_NETNS:-}" ] && "$PY" "$ROOT/bench/netlab.py" up --prefix "$LAB_PREFIX" \
+        --hosts reg,sn,p1,p2,p3 --rate 100mbit > "$T/lab.txt" 2>> "$T/lab.err"; then
+    LAB_UP=1
+    while read -r name netns ip; do
+        IP[$name]=$ip NS[$name]="nsenter --net=/run/netns/$netns" PORT[$name]=8002
+    done < "$T/lab.txt"
+    REG2=${IP[reg]}:5000 SN_ADDR=${IP[sn]}:8001
+    echo "    namespaces ${LAB_PREFIX}{br,reg,sn,p1,p2,p3}: one bridge, every link 100 Mbit/s both ways (tc tbf)"
+else
+    sed 's/^/    /' "$T/lab.err"
+    echo "    network namespaces not available: everything on loopback ports instead"
+    for h in reg sn p1 p2 p3; do IP[$h]=127.0.0.1 NS[$h]="" PORT[$h]=$(freeport); done
+    REG2=127.0.0.1:$(freeport) SN_ADDR=127.0.0.1:$(freeport)
+fi
+# wait_log FILE TEXT WHAT PID: bounded wait for the line a server logs once it listens.
+wait_log() {
+    for _ in $(seq 300); do
+        grep -q "$2" "$1" 2> /dev/null && return 0
+        kill -0 "$4" 2> /dev/null || break
+        sleep 0.1
+    done
+    tail -n 5 "$1" >&2; fail "$3 did not start"
+}
+
+mkdir -p "$T/cluster"
+printf '%s\n' "version: 0.1" "log: {level: warn, accesslog: {disabled: false}}" \
+    "storage: {filesystem: {rootdirectory: $T/registry/data}}" "http: {addr: '$REG2'}" \
+    > "$T/cluster/registry.yml"
+${NS[reg]} docker-registry serve "$T/cluster/registry.yml" > "$T/cluster/registry.log" 2>&1 &
+REG2_PID=$!
+PIDS+=("$REG2_PID")
+${NS[reg]} "$PY" - "http://$REG2/v2/" <<'PYEOF' || { tail -n 5 "$T/cluster/registry.log" >&2; fail "registry did not start"; }
+import sys, time, urllib.request
+end = time.monotonic() + 30
+while time.monotonic() < end:
+    try:
+        urllib.request.urlopen(sys.argv[1], timeout=2).close()
+        sys.exit(0)
+    except OSError:
+        time.sleep(0.1)
+sys.exit(1)
+PYEOF
+echo "    registry   pid $REG2_PID  http://$REG2  (the same storage: demo/python:nydus is there)"
+
+printf 'listen: %s\n' "$SN_ADDR" > "$T/cluster/supernode.yaml"
+${NS[sn]} "$ROOT/.venv/bin/dfagent" supernode --config "$T/cluster/supernode.yaml" \
+    > "$T/cluster/supernode.log" 2>&1 &
+SN_PID=$!
+PIDS+=("$SN_PID")
+for p in "${PEERS[@]}"; do
+    mkdir -p "$T/cluster/$p"
+    cat > "$T/cluster/$p/peer.yaml" <<YAML
+id: $p
+supernodes: [http://$SN_ADDR]
+listen: ${IP[$p]}:${PORT[$p]}
+advertise: http://${IP[$p]}:${PORT[$p]}
+socket: $T/cluster/$p/agent.sock
+data_dir: $T/cluster/$p/data
+quota: 1GiB
+YAML
+    ${NS[$p]} "$ROOT/.venv/bin/dfagent" peer --config "$T/cluster/$p/peer.yaml" \
+        > "$T/cluster/$p/peer.log" 2>&1 &
+    PEER_PID[$p]=$!
+    PIDS+=("${PEER_PID[$p]}")
+done
+wait_log "$T/cluster/supernode.log" "listening on" "dfagent supernode" "$SN_PID"
+echo "    supernode  pid $SN_PID  http://$SN_ADDR"
+for p in "${PEERS[@]}"; do
+    wait_log "$T/cluster/$p/peer.log" "listening on" "dfagent peer $p" "${PEER_PID[$p]}"
+    echo "    peer $p    pid ${PEER_PID[$p]}  http://${IP[$p]}:${PORT[$p]}, local API $T/cluster/$p/agent.sock"
+done
+
+step "The image mounted on every peer (backend: dragonfly); a container started on each in turn"
+for p in "${PEERS[@]}"; do
+    cat > "$T/cluster/$p/mount.yaml" <<YAML
+backend:
+  type: dragonfly
+  registry: {plain_http: true}
+  dragonfly: {socket: $T/cluster/$p/agent.sock, fallback: registry}
+YAML
+    mkdir -p "$T/cluster/$p/mnt"
+    NYDUS_MOUNTS+=("$T/cluster/$p/mnt")
+    ${NS[$p]} "$NYDUSFS" mount "$REG2/demo/python:nydus" "$T/cluster/$p/mnt" \
+        --config "$T/cluster/$p/mount.yaml" --background > "$T/cluster/$p/mount.out" \
+        || fail "nydusfs mount on $p"
+    pid=$(sed -n 's/.*daemon pid \([0-9]*\).*/\1/p' "$T/cluster/$p/mount.out")
+    [ -z "$pid" ] || PIDS+=("$pid")
+    echo "    $p: nydusfs mount $REG2/demo/python:nydus  (chunks through $p's agent)"
+    run_container "$T/cluster/$p/mnt" "$T/cluster/$p/ctr" "demo-$$-$p"
+done
+
+step "Where the bytes came from (each agent's metrics, the registry's access log)"
+"$PY" - "$T/cluster" "$T/cluster/registry.log" "$T/nydus-manifest.json" "${PEERS[@]}" <<'PYEOF'
+import http.client, json, re, socket, sys
+base, reglog, manifest, peers = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+
+
+class Unix(http.client.HTTPConnection):
+    def __init__(self, path):
+        super().__init__("dfagent", timeout=10)
+        self.unix_path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(self.unix_path)
+
+
+def metric(text, name, origin):
+    m = re.search(rf'^{name}\{{origin="{origin}"\}} (\S+)$', text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+data_blobs = {x["digest"] for x in json.load(open(manifest))["layers"][:-1]}
+served = 0
+for m in re.finditer(r'"GET /v2/\S+/blobs/(sha256:[0-9a-f]{64})\S* HTTP/[\d.]+" (200|206) (\d+)',
+                     open(reglog, errors="replace").read()):
+    if m.group(1) in data_blobs:
+        served += int(m.group(3))
+print(f"    {'peer':6} {'from registry':>14} {'from peers':>12}   chunks from registry / peers")
+total = {"source": 0.0, "peer": 0.0}
+for p in peers:
+    c = Unix(f"{base}/{p}/agent.sock")
+    c.request("GET", "/metrics")
+    text = c.getresponse().read().decode()
+    row = {o: metric(text, "dfagent_peer_bytes_total", o) for o in ("source", "peer")}
+    chunks = {o: int(metric(text, "dfagent_peer_chunks_total", o)) for o in ("source", "peer")}
+    for o in total:
+        total[o] += row[o]
+    print(f"    {p:6} {row['source'] / 1e6:11.1f} MB {row['peer'] / 1e6:9.1f} MB   "
+          f"{chunks['source']} / {chunks['peer']}")
+    if p != peers[0] and row["peer"] == 0:
+        sys.exit(f"demo: {p} got nothing from its peers")
+needed = total["source"] + total["peer"]
+print(f"    the registry served {served / 1e6:.1f} MB of chunk data (its access log) for the "
+      f"{needed / 1e6:.1f} MB the three containers needed: {100 * total['peer'] / needed:.0f}% "
+      "came from peers")
+if served > 1.05 * total["source"] + 1e6:
+    sys.exit("demo: the registry served more than the agents fetched from it")
+PYEOF
+
+printf '\n%sdemo finished: build, inspect, check, reproducibility, integrity, a lazy mount, convert + mount from a registry, and a P2P cluster all OK%s\n' "$B" "$N"
