@@ -98,12 +98,17 @@ def fanout_section(r: dict[str, Any] | None, number: int) -> list[str]:
         from_peers = median([_origin_bytes(s, "peer") for s in p2p])
         source = median([_origin_bytes(s, "source") for s in p2p])
         first = median([min(s["node_seconds"].values()) for s in p2p])
+        fallback = median([max(0.0, s["registry_served_bytes"] - _origin_bytes(s, "source"))
+                           for s in p2p])
         out += [
             "",
             f"Where the P2P nodes' chunk bytes came from (medians, all nodes together, from "
             f"their `dfagent_peer_bytes_total`): {source / MB:.0f} MB from the registry, "
             f"{from_peers / MB:.0f} MB from peers "
-            f"({100 * from_peers / max(from_peers + source, 1):.0f}%); "
+            f"({100 * from_peers / max(from_peers + source, 1):.0f}%); the registry served "
+            f"{fallback / MB:.0f} MB more than the agents fetched from it — what the mounts "
+            "read from it themselves when their agent did not answer a batch within "
+            "`dragonfly.timeout`; "
             f"first node done after {first:.1f} s. *machine CPU* is the CPU time of the whole "
             f"machine during the sample (2 cores: at most 2 CPU-s per second) — every mount "
             "and every peer is a Python process, so with many nodes on one small machine CPU, "

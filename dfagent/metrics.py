@@ -38,6 +38,7 @@ METRIC_NAMES: tuple[str, ...] = (
     "dfagent_supernode_expirations_total",
     "dfagent_supernode_reports_total",
     "dfagent_supernode_quarantines_total",
+    "dfagent_supernode_leases_total",
     "dfagent_supernode_requests_total",
     "dfagent_supernode_request_seconds",
     "dfagent_supernode_store_errors_total",
@@ -71,6 +72,13 @@ class SupernodeMetrics:
         self.reports = Counter("dfagent_supernode_reports_total",
                                "Bad-peer reports (outcome: counted|ignored)", ["outcome"],
                                registry=r)
+        self.leases = Counter("dfagent_supernode_leases_total",
+                              "Digests nobody held in lease lookups, by result: granted (the "
+                              "requester fetches it from the source), fetching (pointed at "
+                              "the peer that does), refused (at its limit of leases)",
+                              ["result"], registry=r)
+        for result in ("granted", "fetching", "refused"):
+            self.leases.labels(result)
         self.quarantines = Counter("dfagent_supernode_quarantines_total",
                                    "Peers put in quarantine", registry=r)
         self.requests = Counter("dfagent_supernode_requests_total",
@@ -143,6 +151,7 @@ PEER_METRIC_NAMES: tuple[str, ...] = (
     "dfagent_peer_lookup_seconds",
     "dfagent_peer_lookup_errors_total",
     "dfagent_peer_verification_failures_total",
+    "dfagent_peer_busy_answers_total",
     "dfagent_peer_bad_peer_reports_total",
     "dfagent_peer_supernode_connected",
     "dfagent_peer_registrations_total",
@@ -196,6 +205,9 @@ class PeerMetrics:
         self.verification_failures = Counter("dfagent_peer_verification_failures_total",
                                              "Chunks that failed verification, by origin "
                                              "(peer, source, store)", ["origin"], registry=r)
+        self.peer_busy = Counter("dfagent_peer_busy_answers_total",
+                                 "Peer requests refused as busy (429/503) by the peer asked",
+                                 registry=r)
         self.bad_peer_reports = Counter("dfagent_peer_bad_peer_reports_total",
                                         "Peers reported to the supernode, by reason",
                                         ["reason"], registry=r)

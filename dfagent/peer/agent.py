@@ -150,6 +150,7 @@ async def start_peer(config: PeerConfig) -> RunningPeer:
                           load=lambda: PeerLoad(limits.active, max(0, store.quota - store.total)))
         fetcher = Fetcher(store, sources, metrics, config.fetch, tracker=swarm,
                           token=config.token)
+        limits.pending = fetcher  # the upload server serves chunks still on their way
         peer = RunningPeer(config=config, peer_id=peer_id, url=url, advertise=advertise,
                            socket=config.socket, store=store, fetcher=fetcher, sources=sources,
                            metrics=metrics, swarm=swarm, client=client, runners=runners,

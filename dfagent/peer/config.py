@@ -20,7 +20,8 @@ Example (every key optional; with no ``supernodes`` the agent is a caching proxy
     zone: rack-3
     token_file: /etc/dfagent/token      # or token: "...": cluster token (peers + supernode)
     metrics: 127.0.0.1:9102
-    fetch: {lookup_timeout: 500ms, peer_timeout: 10s, hedge_after: 2s, k: 4, batch: 16}
+    fetch: {lookup_timeout: 500ms, peer_timeout: 10s, hedge_after: 2s, k: 4, batch: 16,
+            lease_wait: 4s}
     source:
       timeout: 30s
       attempts: 3
@@ -71,7 +72,7 @@ _ID_BAD = re.compile(r"[^A-Za-z0-9._:@-]")
 
 @dataclass(frozen=True, slots=True)
 class UploadConfig:
-    max_concurrent: int = 8  # uploads served at once; more get 429 at once
+    max_concurrent: int = 32  # uploads served at once; more get 429 at once
     rate: int = 0  # bytes per second for all uploads together; 0 = unlimited
 
 
@@ -83,6 +84,7 @@ class FetchConfig:
     k: int = 4  # peers asked for per chunk (ranked by the supernode)
     batch: int = 16  # chunks per request to one peer
     concurrency: int = 8  # batches in flight (peers and source together)
+    lease_wait: float = 4.0  # seconds a chunk may wait on other peers' source fetches
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,9 +248,9 @@ def _token(value: object, where: str) -> str:
 def _fetch(raw: object) -> FetchConfig:
     d = _section(raw, "fetch")
     _check_keys(d, "fetch", ("lookup_timeout", "peer_timeout", "hedge_after", "k", "batch",
-                             "concurrency"))
+                             "concurrency", "lease_wait"))
     kw: dict[str, object] = {}
-    for key in ("lookup_timeout", "peer_timeout", "hedge_after"):
+    for key in ("lookup_timeout", "peer_timeout", "hedge_after", "lease_wait"):
         if key in d:
             kw[key] = _seconds(d[key], f"fetch.{key}", positive=True)
     for key, top in (("k", 64), ("batch", 256), ("concurrency", 1024)):

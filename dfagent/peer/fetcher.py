@@ -6,17 +6,23 @@
 2. **Single flight**: a chunk some other request is already fetching is waited for, never
    fetched twice on one node at a time, whoever asks. The fetch runs as its own task, so a
    requester that goes away does not cancel it for the others.
-3. **Lookup**: one batched supernode lookup for all remaining chunks, bounded by
-   ``fetch.lookup_timeout``. Skipped while the agent is not registered (supernode down): the
-   chunks go straight to the source, nothing waits on a dead supernode.
-4. **Peers**, in rounds: each chunk goes to its best untried candidate, chunks for one peer in
-   batches (one request, framed response). Every chunk received is verified (decoded, blake3
-   against the digest *we* asked for) before it is stored or delivered. A peer that sends bad
-   data is reported (``corrupt``), one that times out or refuses the connection is reported
-   too, and both are skipped by this node for ``BAD_PEER_PAUSE`` seconds; a busy peer (429/503)
-   is simply passed over. A batch still running after ``fetch.hedge_after`` is *hedged*: its
-   missing chunks are also asked of their next candidates, and whichever copy arrives first is
-   used.
+3. **Lookup** with source leases: one batched supernode lookup for all remaining chunks,
+   bounded by ``fetch.lookup_timeout``. Skipped while the agent is not registered (supernode
+   down): the chunks go straight to the source, nothing waits on a dead supernode. Chunks the
+   supernode leases to this node go to the source at once; chunks another peer is fetching
+   under its lease go to that peer (its upload server answers when the chunk lands).
+4. **Peers**, in rounds: each chunk goes to its best untried candidate — the one this node is
+   asking least right now and that did not refuse it (429) in the last ``BUSY_PAUSE``
+   seconds, the supernode's order breaking ties — chunks for one peer in batches (one
+   request, framed response). Every chunk received is verified (decoded, blake3 against the
+   digest *we* asked for) before it is stored or delivered. A peer that sends bad data is
+   reported (``corrupt``), one that times out or refuses the connection is reported too, and
+   both are skipped by this node for ``BAD_PEER_PAUSE`` seconds. A batch still running after
+   ``fetch.hedge_after`` is *hedged*: its missing chunks are also asked of their next
+   candidates, and whichever copy arrives first is used. Chunks a peer could not give *yet*
+   (busy, or still on their way to it) and chunks refused a lease are looked up again (a
+   pause of at most ``RETRY_PAUSE`` when a round brought nothing) until ``fetch.lease_wait``
+   has passed since the fetch began; chunks every candidate failed go to the source.
 5. **Source**: what no peer delivered is read from its source location (nydusfs storage
    backends, the node's credentials; neighbouring ranges of a blob are merged by the backend),
    verified, stored.
@@ -31,6 +37,7 @@ Nothing here raises for a chunk that cannot be had: each gets an :class:`Outcome
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -44,17 +51,20 @@ from dfagent.metrics import PeerMetrics
 from dfagent.peer.config import FetchConfig
 from dfagent.peer.source import SourceLocation, SourcePool
 from dfagent.peer.store import ChunkStore
-from dfagent.supernode.client import PeerRef
+from dfagent.supernode.client import LookupResult, PeerRef
 from nydusfs.errors import IntegrityError, NotFoundError, StorageError
 from nydusfs.format import chunkfile
 from nydusfs.format.chunk import decode
 from nydusfs.storage.base import RangeRequest
 
-__all__ = ["BAD_PEER_PAUSE", "ChunkWant", "Fetcher", "Outcome", "Tracker"]
+__all__ = ["BAD_PEER_PAUSE", "BUSY_PAUSE", "ChunkWant", "Fetcher", "Outcome", "Tracker"]
 
 log = logging.getLogger(__name__)
 
 BAD_PEER_PAUSE = 30.0  # seconds this node skips a peer that sent bad data or timed out
+BUSY_PAUSE = 0.5  # seconds a peer that answered 429 is asked only if no other candidate is free
+RETRY_PAUSE = 0.25  # seconds before asking the supernode again when a round brought nothing
+MAX_ROUNDS = 1000  # bound on lookup rounds per fetch (``fetch.lease_wait`` bounds the time)
 INLINE_VERIFY = 64 * 1024  # chunks up to this size are verified on the event loop
 
 
@@ -88,7 +98,7 @@ class Tracker(Protocol):
     @property
     def connected(self) -> bool: ...
 
-    async def lookup(self, digests: list[str]) -> dict[str, list[PeerRef]]: ...
+    async def lookup(self, digests: list[str]) -> LookupResult | None: ...
 
     def announce(self, digests: Iterable[str]) -> None: ...
 
@@ -115,6 +125,9 @@ class Fetcher:
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._inflight: dict[str, asyncio.Future[Outcome]] = {}
         self._bad_until: dict[str, float] = {}
+        self._busy_until: dict[str, float] = {}  # peers that answered 429 a moment ago
+        self._asking: dict[str, int] = {}  # chunks this node is asking each peer for now
+        self._progress = asyncio.Event()  # replaced (after set) when a source batch ends
         self._source_slots = asyncio.Semaphore(config.concurrency)
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[dict[str, Outcome]]] = set()
@@ -186,18 +199,77 @@ class Fetcher:
 
     async def _fetch(self, todo: dict[str, ChunkWant], t0: float) -> dict[str, Outcome]:
         out: dict[str, Outcome] = {}
+        rest = dict(todo)
+        to_source: dict[str, ChunkWant] = {}
         tracker = self.tracker
-        if tracker is not None and tracker.connected:
-            ranked = await tracker.lookup(list(todo))
-            if any(ranked.values()):
-                await self._from_peers(todo, ranked, out, t0)
-        rest = {d: w for d, w in todo.items() if d not in out}
-        if rest:
-            await self._from_source(rest, out, t0)
+        deadline = time.monotonic() + self.config.lease_wait
+        for _ in range(MAX_ROUNDS):
+            if not rest or tracker is None or not tracker.connected:
+                break
+            found = await tracker.lookup(list(rest))
+            if found is None:
+                break  # no supernode answer: the source
+            cands = {d: ps for d, ps in found.chunks.items() if ps and d in rest}
+            for d, p in found.fetching.items():
+                if d in rest and d not in cands:
+                    cands[d] = [p]  # it serves the chunk once its own source fetch lands
+            jobs = []
+            mine = {d: rest[d] for d in found.leases if d in rest and d not in cands}
+            if mine:
+                jobs.append(self._from_source(mine, out, t0))
+            retry: set[str] = set()
+            if cands:
+                jobs.append(self._from_peers({d: rest[d] for d in cands}, cands, out, t0,
+                                             retry))
+            progress = self._progress
+            before = len(out)
+            if jobs:
+                await asyncio.gather(*jobs)
+            again: dict[str, ChunkWant] = {}
+            for d, w in rest.items():
+                if d in out:
+                    continue
+                if d in retry or (d not in cands and d not in mine):
+                    again[d] = w  # busy or not there yet, or a lease refused: ask again
+                else:
+                    to_source[d] = w  # every candidate failed
+            rest = again
+            if not rest or time.monotonic() >= deadline:
+                break
+            if len(out) == before:
+                # Nothing arrived this round: wait for this node's source fetches to free a
+                # lease, or a moment, rather than asking the supernode in a tight loop.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(RETRY_PAUSE,
+                                                   max(0.0, deadline - time.monotonic()))):
+                        await progress.wait()
+        to_source.update(rest)
+        if to_source:
+            await self._from_source(to_source, out, t0)
         for o in out.values():
             if o.origin is None:
                 self.metrics.fetch_failures.inc()
         return out
+
+    def _settle(self, outcome: Outcome, out: dict[str, Outcome]) -> None:
+        """Record ``outcome`` and wake whoever waits for that chunk on this node at once
+        (other requests, and upload requests from peers that were pointed here)."""
+        out[outcome.digest] = outcome
+        fut = self._inflight.get(outcome.digest)
+        if fut is not None and not fut.done():
+            fut.set_result(outcome)
+
+    async def wait_stored(self, digests: Iterable[str], timeout: float) -> None:
+        """Wait (at most ``timeout`` seconds) until every one of ``digests`` that this node is
+        fetching now has arrived (or failed): the upload server serves a chunk it was
+        asked for while it was still on its way here."""
+        futs = [f for d in digests if (f := self._inflight.get(d)) is not None]
+        if futs:
+            await asyncio.wait([asyncio.shield(f) for f in futs], timeout=timeout)
+
+    def fetching(self, digest: str) -> bool:
+        fut = self._inflight.get(digest)
+        return fut is not None and not fut.done()
 
     # -- peers ----------------------------------------------------------------------------
 
@@ -210,36 +282,59 @@ class Fetcher:
             return True
         return False
 
+    def _choose(self, candidates: Sequence[PeerRef], tried: set[str]) -> PeerRef | None:
+        """The candidate to ask next: untried, not paused as bad; among those, the one this
+        node is asking least right now and that did not refuse us (429) a moment ago —
+        what the node knows first-hand, fresher than the supernode's heartbeat-old load.
+        Ties keep the supernode's order (random among equals)."""
+        now = time.monotonic()
+        best: PeerRef | None = None
+        best_key = (2, 0)
+        for p in candidates:
+            if p.id in tried or not self._usable(p.id):
+                continue
+            key = (1 if self._busy_until.get(p.id, 0.0) > now else 0,
+                   self._asking.get(p.id, 0))
+            if best is None or key < best_key:
+                best, best_key = p, key
+        return best
+
     async def _from_peers(self, todo: dict[str, ChunkWant], ranked: dict[str, list[PeerRef]],
-                          out: dict[str, Outcome], t0: float) -> None:
+                          out: dict[str, Outcome], t0: float, retry: set[str]) -> None:
+        """Chunks of ``todo`` from their ranked candidates; ``retry`` collects those a
+        candidate could not give *yet* (busy, or still fetching it): worth asking again."""
         cfg = self.config
         tried: dict[str, set[str]] = {d: set() for d in todo}
-        peers = {p.id: p for ps in ranked.values() for p in ps}
 
         def next_groups(digests: Iterable[str]) -> list[tuple[PeerRef, list[str]]]:
-            groups: dict[str, list[str]] = {}
+            groups: dict[str, tuple[PeerRef, list[str]]] = {}
             for d in digests:
                 if d in out:
                     continue
-                for p in ranked.get(d, ()):
-                    if p.id not in tried[d] and self._usable(p.id):
-                        tried[d].add(p.id)
-                        groups.setdefault(p.id, []).append(d)
-                        break
-            return [(peers[pid], ds[i:i + cfg.batch])
-                    for pid, ds in groups.items() for i in range(0, len(ds), cfg.batch)]
+                p = self._choose(ranked.get(d, ()), tried[d])
+                if p is None:
+                    continue
+                tried[d].add(p.id)
+                self._asking[p.id] = self._asking.get(p.id, 0) + 1  # counts while choosing
+                groups.setdefault(p.id, (p, []))[1].append(d)
+            batches = []
+            for p, ds in groups.values():
+                self._asking[p.id] -= len(ds)
+                batches += [(p, ds[i:i + cfg.batch]) for i in range(0, len(ds), cfg.batch)]
+            return batches
 
         for _ in range(cfg.k):
             batches = next_groups(todo)
             if not batches:
                 return
-            tasks = {asyncio.create_task(self._peer_batch(p, ds, todo, out, t0)): ds
+            tasks = {asyncio.create_task(self._peer_batch(p, ds, todo, out, t0, retry)): ds
                      for p, ds in batches}
             _, pending = await asyncio.wait(tasks, timeout=cfg.hedge_after)
             if pending:  # hedge: what slow peers still owe, also from the next candidates
                 slow = [d for t in pending for d in tasks[t] if d not in out]
                 for p, ds in next_groups(slow):
-                    tasks[asyncio.create_task(self._peer_batch(p, ds, todo, out, t0))] = ds
+                    tasks[asyncio.create_task(self._peer_batch(p, ds, todo, out, t0,
+                                                               retry))] = ds
                 pending = {t for t in tasks if not t.done()}
                 deadline = time.monotonic() + cfg.peer_timeout
                 # Until every chunk arrived (from whichever copy) or every request ended.
@@ -262,10 +357,12 @@ class Fetcher:
             self.tracker.report(peer.id, reason, digest)
 
     async def _peer_batch(self, peer: PeerRef, digests: list[str], wants: dict[str, ChunkWant],
-                          out: dict[str, Outcome], t0: float) -> None:
+                          out: dict[str, Outcome], t0: float, retry: set[str]) -> None:
         """Ask ``peer`` for ``digests`` in one request; verified chunks land in ``out``."""
         got_any = False
         current: str | None = None
+        seen: set[str] = set()
+        self._asking[peer.id] = self._asking.get(peer.id, 0) + len(digests)
         try:
             async with asyncio.timeout(self.config.peer_timeout):
                 async with self._http().post(f"{peer.address}/chunks",
@@ -289,16 +386,20 @@ class Fetcher:
                             raise IntegrityError(f"peer sent chunk {d} that was not asked for")
                         body = await resp.content.readexactly(length)
                         got_any = True
+                        seen.add(d)
                         if status != chunkfile.FRAME_FOUND:
+                            retry.add(d)  # not there (yet): it may be on its way to that peer
                             continue
                         w = wants[d]
                         await self._verify(body, d, w.uncompressed_size)
                         if d not in out:
-                            out[d] = Outcome(d, origin="peer", data=body)
                             self.metrics.delivered("peer", len(body), time.monotonic() - t0)
                             await self._keep(d, body)
+                            self._settle(Outcome(d, origin="peer", data=body), out)
         except _Busy:
-            return
+            self.metrics.peer_busy.inc()
+            self._busy_until[peer.id] = time.monotonic() + BUSY_PAUSE
+            retry.update(digests)
         except IntegrityError as exc:
             self.metrics.verification_failures.labels("peer").inc()
             log.warning("peer %s (%s) sent bad data: %s", peer.id, peer.address, exc)
@@ -312,6 +413,12 @@ class Fetcher:
         except (aiohttp.ClientError, OSError) as exc:
             log.info("peer %s failed: %s", peer.id, exc)
             self._mark_bad(peer, "error", None if got_any else current)
+        finally:
+            n = self._asking.get(peer.id, 0) - len(digests)
+            if n > 0:
+                self._asking[peer.id] = n
+            else:
+                self._asking.pop(peer.id, None)
 
     async def _verify(self, body: bytes, digest: str, size: int) -> None:
         raw = bytes.fromhex(digest)
@@ -347,7 +454,12 @@ class Fetcher:
             step = max(self.config.batch, 1) * 4  # neighbours in one batch merge into one GET
             jobs += [self._source_batch(loc, ws[i:i + step], out, t0)
                      for i in range(0, len(ws), step)]
-        await asyncio.gather(*jobs)
+        try:
+            await asyncio.gather(*jobs)
+        finally:
+            # Leases this node held are released (announced): wake its refused requests.
+            self._progress.set()
+            self._progress = asyncio.Event()
 
     async def _source_batch(self, loc: SourceLocation, ws: list[ChunkWant],
                             out: dict[str, Outcome], t0: float) -> None:
@@ -385,6 +497,6 @@ class Fetcher:
                 out[d] = Outcome(d, error=FetchError(
                     f"{loc.describe()}: {exc}", code="integrity"))
                 continue
-            out[d] = Outcome(d, origin="source", data=data)
             self.metrics.delivered("source", len(data), time.monotonic() - t0)
             await self._keep(d, data)
+            self._settle(Outcome(d, origin="source", data=data), out)

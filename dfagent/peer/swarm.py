@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from dfagent.errors import SupernodeError, SupernodeUnavailable, UnknownPeer
 from dfagent.metrics import PeerMetrics
 from dfagent.peer.store import ChunkStore
-from dfagent.supernode.client import PeerRef, SupernodeClient
+from dfagent.supernode.client import LookupResult, SupernodeClient
 from dfagent.supernode.model import PeerInfo, PeerLoad
 
 __all__ = ["RETRY", "Swarm"]
@@ -71,23 +71,31 @@ class Swarm:
 
     # -- Tracker ----------------------------------------------------------------------------
 
-    async def lookup(self, digests: list[str]) -> dict[str, list[PeerRef]]:
+    async def lookup(self, digests: list[str]) -> LookupResult | None:
+        """Holders, and source leases for what nobody holds; ``None`` when the supernode
+        could not answer (the caller goes to the source)."""
         t0 = time.monotonic()
         try:
-            ranked = await self.client.lookup(digests, requester=self.info.id, k=self.k,
-                                              timeout=self.lookup_timeout)
+            found = await self.client.lookup_leased(digests, requester=self.info.id, k=self.k,
+                                                    timeout=self.lookup_timeout)
+        except UnknownPeer as exc:
+            self.metrics.lookup_errors.inc()
+            log.info("lookup: %s; registering again", exc)
+            self._set_connected(False)
+            self._wake.set()
+            return None
         except SupernodeUnavailable as exc:
             self.metrics.lookup_errors.inc()
             log.info("lookup failed, going to the source: %s", exc)
             self._set_connected(False)
             self._wake.set()
-            return {}
+            return None
         except SupernodeError as exc:
             self.metrics.lookup_errors.inc()
             log.warning("lookup refused: %s", exc)
-            return {}
+            return None
         self.metrics.lookup_seconds.observe(time.monotonic() - t0)
-        return ranked
+        return found
 
     def announce(self, digests: Iterable[str]) -> None:
         for d in digests:

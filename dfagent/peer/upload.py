@@ -10,6 +10,11 @@ Only digest-named chunk files are reachable: the one path parameter must be 64 l
 digits (anything else does not match a route: 404) and becomes a file name only through
 :meth:`ChunkStore.path_of`; there is no static file serving, no directory listing.
 
+Chunks on their way: a request for a chunk this node is fetching right now (the supernode
+points requesters at the peer holding a chunk's source lease) waits for it, at most
+:data:`INFLIGHT_WAIT` seconds, then gets it or "not found". A request that has nothing to send
+yet waits without taking an upload slot; in a batch, chunks already here are sent first.
+
 Limits: at most ``upload.max_concurrent`` requests are served at once; one more is refused at
 once with 429 and ``Retry-After`` (the requester tries another peer rather than queueing
 here). All uploads share one ``upload.rate`` budget (bytes per second), paced as they are
@@ -29,7 +34,8 @@ import asyncio
 import hmac
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Protocol
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -38,9 +44,10 @@ from dfagent.metrics import PeerMetrics
 from dfagent.peer.store import ChunkStore, check_digest
 from nydusfs.format import chunkfile
 
-__all__ = ["MAX_BATCH", "Pacer", "UploadLimits", "make_upload_app"]
+__all__ = ["INFLIGHT_WAIT", "MAX_BATCH", "Pacer", "Pending", "UploadLimits", "make_upload_app"]
 
 MAX_BATCH = 256  # digests per batch request
+INFLIGHT_WAIT = 3.0  # seconds a request waits for chunks still on their way here
 WRITE_PIECE = 256 << 10  # bytes written (and paced) at a time
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -71,11 +78,22 @@ class Pacer:
             await asyncio.sleep(wait)
 
 
+class Pending(Protocol):
+    """Chunks on their way into this node's store (the agent's fetcher)."""
+
+    def fetching(self, digest: str) -> bool: ...
+
+    async def wait_stored(self, digests: Iterable[str], timeout: float) -> None: ...
+
+
 class UploadLimits:
+    """The upload slots and pacer, and (set once the fetcher exists) what is on its way."""
+
     def __init__(self, max_concurrent: int, rate: int) -> None:
         self.max_concurrent = max_concurrent
         self.pacer = Pacer(rate)
         self.active = 0
+        self.pending: Pending | None = None
 
 
 STORE: web.AppKey[ChunkStore] = web.AppKey("store", ChunkStore)
@@ -140,8 +158,24 @@ async def _send(resp: web.StreamResponse, data: bytes | memoryview, pacer: Pacer
     metrics.upload_bytes.inc(len(view))
 
 
+async def _await_coming(request: web.Request, digests: list[str]) -> list[str]:
+    """Of ``digests`` not in the store, those this node is fetching now (it holds their source
+    lease, or fetches them from a peer). If none of ``digests`` is stored yet, first wait (at
+    most :data:`INFLIGHT_WAIT`, holding no upload slot) for those to arrive."""
+    pending = request.app[LIMITS].pending
+    if pending is None:
+        return []
+    store = request.app[STORE]
+    coming = [d for d in digests if d not in store and pending.fetching(d)]
+    if coming and not any(d in store for d in digests):
+        await pending.wait_stored(coming, INFLIGHT_WAIT)
+        coming = [d for d in coming if d not in store and pending.fetching(d)]
+    return coming
+
+
 async def _get_chunk(request: web.Request) -> web.StreamResponse:
     digest = request.match_info["digest"]
+    await _await_coming(request, [digest])
     slot = _Slot(request)
     if not slot.acquire():
         return _busy(slot.metrics)
@@ -173,6 +207,9 @@ async def _get_batch(request: web.Request) -> web.StreamResponse:
         return web.json_response({"error": {"code": "bad_request", "message":
                                             f"digests: expected 1-{MAX_BATCH} chunk digests "
                                             "(64 lowercase hex)"}}, status=400)
+    wanted = list(dict.fromkeys(digests))
+    t0 = time.monotonic()
+    coming = await _await_coming(request, wanted)
     slot = _Slot(request)
     if not slot.acquire():
         return _busy(slot.metrics)
@@ -180,7 +217,13 @@ async def _get_batch(request: web.Request) -> web.StreamResponse:
         store = request.app[STORE]
         resp = web.StreamResponse(headers={"Content-Type": "application/x-dfagent-chunks"})
         await resp.prepare(request)
-        for d in dict.fromkeys(digests):
+        later = set(coming)
+        # What is here goes first (frames may come in any order), then what was on its way.
+        for d in [d for d in wanted if d not in later] + [d for d in wanted if d in later]:
+            if d in later and d not in store and slot.limits.pending is not None:
+                left = INFLIGHT_WAIT - (time.monotonic() - t0)
+                if left > 0:
+                    await slot.limits.pending.wait_stored([d], left)
             data = await store.read(d)
             raw = bytes.fromhex(d)
             if data is None:

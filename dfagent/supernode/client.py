@@ -33,6 +33,8 @@ Signatures (all methods are coroutines; the client is an async context manager):
     withdraw(peer_id: str, digests: Iterable[str]) -> int
     lookup(digests: Iterable[str], *, requester: str | None = None, zone: str | None = None,
            k: int | None = None, timeout: float | None = None) -> dict[str, list[PeerRef]]
+    lookup_leased(digests: Iterable[str], *, requester: str, zone: str | None = None,
+                  k: int | None = None, timeout: float | None = None) -> LookupResult
     report(peer_id: str, *, reporter: str, reason: str, digest: str | None = None) -> ReportAck
     close() -> None
 
@@ -45,7 +47,7 @@ import asyncio
 import ssl as ssl_module
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -67,7 +69,7 @@ from dfagent.supernode.model import (
     check_digest,
 )
 
-__all__ = ["PeerRef", "Registration", "ReportAck", "SupernodeClient"]
+__all__ = ["LookupResult", "PeerRef", "Registration", "ReportAck", "SupernodeClient"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +79,19 @@ class PeerRef:
     id: str
     address: str
     zone: str
+
+
+@dataclass(slots=True)
+class LookupResult:
+    """A lookup with leases: ``chunks`` as :meth:`SupernodeClient.lookup` answers; of the
+    digests nobody holds, ``leases`` are this peer's to fetch from the source, ``fetching``
+    maps those another peer is fetching to that peer (ask it: it serves the chunk once it has
+    it); any other digest nobody holds was refused a lease (this peer holds its limit): ask
+    again shortly."""
+
+    chunks: dict[str, list[PeerRef]]
+    leases: set[str] = field(default_factory=set)
+    fetching: dict[str, PeerRef] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,8 +212,23 @@ class SupernodeClient:
         overrides that. ``timeout`` overrides the per-attempt timeout (keep it short on the
         fetch path). Batches above the server's limit are split.
         """
+        got = await self._lookup(digests, requester=requester, zone=zone, k=k,
+                                 timeout=timeout, lease=False)
+        return got.chunks
+
+    async def lookup_leased(self, digests: Iterable[str], *, requester: str,
+                            zone: str | None = None, k: int | None = None,
+                            timeout: float | None = None) -> LookupResult:
+        """:meth:`lookup` that also takes source leases for the digests nobody holds
+        (docs/api.md, "Lookup"): see :class:`LookupResult`."""
+        return await self._lookup(digests, requester=requester, zone=zone, k=k,
+                                  timeout=timeout, lease=True)
+
+    async def _lookup(self, digests: Iterable[str], *, requester: str | None,
+                      zone: str | None, k: int | None, timeout: float | None,
+                      lease: bool) -> LookupResult:
         wanted = list(dict.fromkeys(digests))
-        out: dict[str, list[PeerRef]] = {d: [] for d in wanted}
+        out = LookupResult(chunks={d: [] for d in wanted})
         for batch in _batches(wanted, MAX_LOOKUP):
             body: dict[str, object] = {"digests": batch}
             if requester is not None:
@@ -207,13 +237,21 @@ class SupernodeClient:
                 body["zone"] = zone
             if k is not None:
                 body["k"] = k
+            if lease:
+                body["lease"] = True
             data = await self._call("POST", "/api/v1/lookup", body, timeout=timeout,
                                     check=_check_lookup)
             peers = {pid: PeerRef(id=pid, address=p["address"], zone=p.get("zone", ""))
                      for pid, p in data["peers"].items()}
             for d, ids in data["chunks"].items():
-                if d in out:
-                    out[d] = [peers[pid] for pid in ids]
+                if d in out.chunks:
+                    out.chunks[d] = [peers[pid] for pid in ids]
+            for d in data.get("leases", ()):
+                if d in out.chunks:
+                    out.leases.add(d)
+            for d, pid in data.get("fetching", {}).items():
+                if d in out.chunks:
+                    out.fetching[d] = peers[pid]
         return out
 
     async def report(self, peer_id: str, *, reporter: str, reason: str,
@@ -330,6 +368,11 @@ def _check_lookup(data: dict[str, Any]) -> None:
     for ids in chunks.values():
         if not isinstance(ids, list) or any(pid not in peers for pid in ids):
             raise ValueError("a chunk names a peer the answer does not describe")
+    leases, fetching = data.get("leases", []), data.get("fetching", {})
+    if not isinstance(leases, list) or not all(isinstance(d, str) for d in leases):
+        raise TypeError("leases must be a list of digests")
+    if not isinstance(fetching, dict) or any(pid not in peers for pid in fetching.values()):
+        raise ValueError("fetching names a peer the answer does not describe")
 
 
 def _batches(items: Iterable[str], size: int) -> Iterable[list[str]]:

@@ -14,6 +14,7 @@ Example (every key optional)::
     peer_ttl: 30s
     quarantine: {reports: 3, window: 5m, duration: 10m}
     k: 4
+    leases: {ttl: 10s, per_peer: 16}
     token_file: /etc/dfagent/token          # or token: "..."
     tls: {cert: /etc/dfagent/tls.crt, key: /etc/dfagent/tls.key}
 
@@ -43,6 +44,7 @@ from nydusfs.config import (
 
 __all__ = [
     "STORE_TYPES",
+    "LeaseConfig",
     "QuarantineConfig",
     "StoreConfig",
     "SupernodeConfig",
@@ -72,6 +74,14 @@ class QuarantineConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LeaseConfig:
+    """Source leases (docs/dfagent.md, "Source leases"): who fetches a chunk nobody holds."""
+
+    ttl: float = 10.0  # seconds a lease lasts unless its holder announces the chunk first
+    per_peer: int = 16  # live leases one peer may hold at once (spreads source fetches)
+
+
+@dataclass(frozen=True, slots=True)
 class TlsConfig:
     cert: Path
     key: Path
@@ -85,6 +95,7 @@ class SupernodeConfig:
     sweep_interval: float | None = None  # seconds between expiry sweeps; None: peer_ttl / 4
     quarantine: QuarantineConfig = field(default_factory=QuarantineConfig)
     k: int = 4  # peers per digest in a lookup answer when the request does not say
+    leases: LeaseConfig = field(default_factory=LeaseConfig)
     token: str | None = None  # cluster token: every /api/v1 call must send it as a Bearer
     tls: TlsConfig | None = None  # serve HTTPS with this certificate and key
 
@@ -113,7 +124,7 @@ def parse_config(raw: object, *, base_dir: Path) -> SupernodeConfig:
     """Validate an already-parsed document (``None`` = empty); relative paths join ``base_dir``."""
     doc = _section(raw, "")
     _check_keys(doc, "", ("listen", "store", "peer_ttl", "sweep_interval", "quarantine", "k",
-                          "token", "token_file", "tls"))
+                          "leases", "token", "token_file", "tls"))
     kw: dict[str, object] = {}
     if doc.get("listen") is not None:
         kw["listen"] = _host_port(doc["listen"], "listen")
@@ -129,6 +140,8 @@ def parse_config(raw: object, *, base_dir: Path) -> SupernodeConfig:
         kw["k"] = _int(doc["k"], "k", minimum=1)
         if kw["k"] > MAX_K:  # type: ignore[operator]  # an int, checked just above
             raise ConfigError(f"k: at most {MAX_K}, got {kw['k']}")
+    if "leases" in doc:
+        kw["leases"] = _leases(doc["leases"])
     if doc.get("token") is not None and doc.get("token_file") is not None:
         raise ConfigError("token_file: give token or token_file, not both")
     if doc.get("token") is not None:
@@ -212,3 +225,14 @@ def _quarantine(raw: object) -> QuarantineConfig:
         if key in d:
             kw[key] = _seconds(d[key], f"quarantine.{key}", positive=True)
     return QuarantineConfig(**kw)  # type: ignore[arg-type]
+
+
+def _leases(raw: object) -> LeaseConfig:
+    d = _section(raw, "leases")
+    _check_keys(d, "leases", ("ttl", "per_peer"))
+    kw: dict[str, object] = {}
+    if "ttl" in d:
+        kw["ttl"] = _seconds(d["ttl"], "leases.ttl", positive=True)
+    if "per_peer" in d:
+        kw["per_peer"] = _int(d["per_peer"], "leases.per_peer", minimum=1)
+    return LeaseConfig(**kw)  # type: ignore[arg-type]

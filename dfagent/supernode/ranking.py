@@ -22,6 +22,11 @@ random choice spread a popular chunk's requesters over all its holders instead o
 everyone to whichever peer happened to report one upload less. Within a tier the order is
 random; at most ``k`` peers are returned per digest.
 
+Peers *expected* to hold a chunk soon (``view.expected``: they are fetching it from a peer
+and serve it once they have it) are candidates like holders, in the same tiers: a chunk many
+peers want at once then spreads as a tree (each new copy serves the next requesters) instead
+of every requester queueing at its first holder.
+
 Cost: each distinct holder's tier is computed once per call, then one dict probe per
 (digest, holder); batched lookups amortise the per-request work.
 """
@@ -74,8 +79,13 @@ def rank(view: LookupView, digests: Iterable[str], *, k: int, now: float,
 
     out: dict[str, list[str]] = {}
     all_holders = view.holders
+    expected = view.expected
     for d in digests:
         holders = all_holders.get(d)
+        if expected:
+            soon = expected.get(d)
+            if soon:
+                holders = list(dict.fromkeys([*(holders or ()), *soon]))
         if not holders:
             continue
         groups: dict[int, list[str]] = {}

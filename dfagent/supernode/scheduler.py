@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dfagent.errors import RequestError
 from dfagent.metrics import SupernodeMetrics
@@ -34,10 +34,15 @@ Clock = Callable[[], float]
 @dataclass(frozen=True, slots=True)
 class LookupAnswer:
     """Ranked peer ids per digest (digests nobody can serve are absent) and the info of every
-    peer named."""
+    peer named. With leases asked for, of the digests nobody holds: ``leases`` those the
+    requester now fetches from the source, ``fetching`` those another peer fetches (its id);
+    any other was refused (the requester holds its limit of leases: ask again soon)."""
 
     chunks: dict[str, list[str]]
     peers: dict[str, PeerInfo]
+    leases: list[str] = field(default_factory=list)
+    fetching: dict[str, str] = field(default_factory=dict)
+    requester_known: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,15 +117,25 @@ class Scheduler:
         return removed
 
     async def lookup(self, digests: Sequence[str], *, requester: str | None = None,
-                     zone: str | None = None, k: int | None = None) -> LookupAnswer:
+                     zone: str | None = None, k: int | None = None,
+                     lease: bool = False) -> LookupAnswer:
         """Up to ``k`` ranked peers per digest (see :mod:`dfagent.supernode.ranking`).
 
         ``zone`` defaults to the requester's registered zone; ``k`` to the configured one.
+        ``lease`` (needs ``requester``): for digests no eligible peer holds, take source
+        leases (:meth:`PeerStore.lease`, at most ``leases.per_peer`` live ones per peer) so
+        that one peer fetches each such chunk from its source and the others are pointed at
+        it (``fetching``) instead of all fetching it too; and record the requester as
+        expected to hold the chunks it will fetch from peers (:meth:`PeerStore.expect`), so
+        later requesters are pointed at it as well. ``requester_known`` False in the answer:
+        leases were asked for by a requester that is not registered or expired (it must
+        register again; nothing was leased).
         """
         now = self.clock()
         window_start = now - self.config.quarantine.window
         view = await self.store.lookup(digests, reports_since=window_start,
-                                       requester=requester if zone is None else None)
+                                       requester=requester if zone is None else None,
+                                       now=now if lease else None)
         chunks = rank(view, digests, k=k or self.config.k, now=now,
                       alive_since=self._alive_since(now), rng=self.rng, requester=requester,
                       zone=zone if zone is not None else view.requester_zone)
@@ -134,7 +149,34 @@ class Scheduler:
         self.metrics.lookup_hits.inc(hits)
         if hits < len(digests):
             self.metrics.lookup_misses.inc(len(digests) - hits)
-        return LookupAnswer(chunks=chunks, peers=peers)
+        if not lease or requester is None:
+            return LookupAnswer(chunks=chunks, peers=peers)
+        cfg = self.config.leases
+        if hits == len(digests):
+            await self.store.expect(requester, list(chunks), until=now + cfg.ttl)
+            return LookupAnswer(chunks=chunks, peers=peers)
+        missing = [d for d in digests if d not in chunks]
+        got = await self.store.lease(requester, missing, now=now, until=now + cfg.ttl,
+                                     alive_since=self._alive_since(now), limit=cfg.per_peer)
+        if not got.live:
+            return LookupAnswer(chunks=chunks, peers=peers, requester_known=False)
+        # The requester will get these from peers: point the next requesters at it too.
+        coming = [*chunks, *(d for d in got.others if d not in chunks)]
+        if coming:
+            await self.store.expect(requester, coming, until=now + cfg.ttl)
+        fetching: dict[str, str] = {}
+        quarantined = view.quarantined
+        for d, pid in got.others.items():
+            if quarantined.get(pid, now) > now:
+                continue  # a quarantined peer is never pointed at
+            fetching[d] = pid
+            if pid not in peers:
+                peers[pid] = got.peers[pid].info
+        m = self.metrics.leases
+        m.labels("granted").inc(len(got.granted))
+        m.labels("fetching").inc(len(fetching))
+        m.labels("refused").inc(len(missing) - len(got.granted) - len(fetching))
+        return LookupAnswer(chunks=chunks, peers=peers, leases=got.granted, fetching=fetching)
 
     # -- reports -------------------------------------------------------------------------
 
@@ -170,6 +212,7 @@ class Scheduler:
         now = self.clock()
         gone = await self.store.expire(self._alive_since(now))
         await self.store.expire_quarantines(now)
+        await self.store.expire_leases(now)
         if gone:
             self.metrics.expirations.inc(len(gone))
         return gone

@@ -234,19 +234,32 @@ async def _withdraw(request: web.Request) -> web.Response:
 
 async def _lookup(request: web.Request) -> web.Response:
     sched = request.app[SCHEDULER]
-    body = parse_body(await _body(request), ("digests", "requester", "zone", "k"), ("digests",))
+    body = parse_body(await _body(request), ("digests", "requester", "zone", "k", "lease"),
+                      ("digests",))
     digests = parse_digests(body["digests"], "digests", limit=MAX_LOOKUP)
     requester = body.get("requester")
     if requester is not None:
         requester = check_peer_id(requester, "requester")
     zone = parse_zone(body["zone"], "zone") if body.get("zone") is not None else None
     k = parse_int(body["k"], "k", minimum=1, maximum=MAX_K) if "k" in body else None
-    answer = await sched.lookup(digests, requester=requester, zone=zone, k=k)
-    return web.json_response({
+    lease = body.get("lease", False)
+    if not isinstance(lease, bool):
+        raise RequestError(f"lease: expected true or false, got {lease!r:.40}")
+    if lease and requester is None:
+        raise RequestError("lease: needs requester (leases are granted to a peer)")
+    answer = await sched.lookup(digests, requester=requester, zone=zone, k=k, lease=lease)
+    if not answer.requester_known:
+        assert requester is not None
+        return _unknown_peer(requester)
+    doc: dict[str, object] = {
         "chunks": answer.chunks,
         "peers": {pid: {"address": info.address, "zone": info.zone}
                   for pid, info in answer.peers.items()},
-    })
+    }
+    if lease:
+        doc["leases"] = answer.leases
+        doc["fetching"] = answer.fetching
+    return web.json_response(doc)
 
 
 async def _report(request: web.Request) -> web.Response:

@@ -20,13 +20,16 @@ and read) or is bad is asked for once more with ``refetch`` (the agent re-verifi
 bad copy and fetches again), and if that fails too, read from the source. The filesystem
 verifies again after us, as it does for every backend.
 
-Failure: when the agent is unreachable (socket missing, connection refused, no answer within
-``dragonfly.timeout``, a malformed answer) the whole batch is read from the image's own source
-(the fallback backend), and the agent is left alone for ``retry_after`` seconds so a dead agent
-costs one failed connect, not one per read. A dead agent never breaks a mount. Requests that
-carry no chunk identity (whole-range reads, ``nydusfs check``) go to the source directly, as do
-chunks whose stored encoding differs from this image's (the same content compressed
-differently by another image's build: the payload must be this blob's bytes).
+Failure: when the agent is unreachable (socket missing, connection refused, a malformed
+answer) the whole batch is read from the image's own source (the fallback backend), and the
+agent is left alone for ``retry_after`` seconds so a dead agent costs one failed connect, not
+one per read. An agent that accepted the call but gave no answer within ``dragonfly.timeout``
+is alive but slow (waiting on busy peers): that batch goes to the source and the next one asks
+the agent again, so one slow answer does not send a whole node to the registry. A dead agent
+never breaks a mount. Requests that carry no chunk identity (whole-range reads, ``nydusfs
+check``) go to the source directly, as do chunks whose stored encoding differs from this
+image's (the same content compressed differently by another image's build: the payload must
+be this blob's bytes).
 
 Counters (``stats()``, shown by the mount's status API): chunks from the agent, chunks and
 batches that fell back to the source, agent failures, refetches, verification failures.
@@ -74,7 +77,13 @@ class DragonflyStats:
 
 
 class _AgentDown(Exception):
-    """The agent could not answer this batch; the message says why."""
+    """The agent could not answer this batch; the message says why. ``slow``: it is there
+    but did not answer in time (busy, e.g. waiting on peers): only this batch goes to the
+    source, later ones still ask it."""
+
+    def __init__(self, message: str, *, slow: bool = False) -> None:
+        super().__init__(message)
+        self.slow = slow
 
 
 class DragonflyBackend(Backend):
@@ -147,6 +156,10 @@ class DragonflyBackend(Backend):
             except _AgentDown as exc:
                 self.counters.agent_errors += 1
                 self.counters.fallbacks += 1
+                if exc.slow:
+                    log.info("dfagent at %s slow (%s); this batch from the source",
+                             self.socket, exc)
+                    return out
                 self._down_until = self._clock() + self.retry_after
                 log.warning("dfagent at %s unreachable (%s); reading from the source for "
                             "%g s", self.socket, exc, self.retry_after)
@@ -229,7 +242,7 @@ class DragonflyBackend(Backend):
                     payload = await resp.read()
                     status = resp.status
         except TimeoutError as exc:
-            raise _AgentDown(f"no answer within {self.timeout:g} s") from exc
+            raise _AgentDown(f"no answer within {self.timeout:g} s", slow=True) from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise _AgentDown(f"{type(exc).__name__}: {exc}") from exc
         if status != 200:

@@ -21,6 +21,10 @@ each one. Contract, errors included:
   peers); filtering and ordering is the ranking policy's job (:mod:`dfagent.supernode.ranking`).
 * Quarantine is keyed by peer id and outlives registration: leaving and registering again does
   not lift it.
+* Source leases (:meth:`PeerStore.lease`) say which peer is fetching a chunk nobody holds
+  from its source, so the others wait for it instead of fetching it too. A lease ends at its
+  ``until``, when its holder announces that chunk, or when the holder leaves, is expired, or
+  registers with ``reset``; a lease whose holder is not live counts as ended.
 * All operations are idempotent, so a client may retry one on another replica after a timeout.
 * Transient failures (Redis unreachable, timing out) raise
   :class:`~dfagent.errors.StoreUnavailable`; anything else unexpected from the backing service
@@ -31,11 +35,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dfagent.supernode.model import PeerInfo, PeerLoad, PeerState
 
-__all__ = ["LookupView", "PeerStore", "ReportOutcome", "StoreStats"]
+__all__ = ["LeaseOutcome", "LookupView", "PeerStore", "ReportOutcome", "StoreStats"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +52,9 @@ class LookupView:
     hold ids that are not holders, and ends in the past). ``reports`` maps holder ids to the
     number of distinct reporters since the given cut-off (absent: none). ``requester_zone`` is
     the zone the requester registered with (``None``: no requester given, or not registered).
+    ``expected`` maps requested digests to peers expected to hold them soon
+    (:meth:`PeerStore.expect`, still in force at the lookup's ``now``); ``peers`` describes
+    them too.
     """
 
     holders: Mapping[str, Collection[str]]
@@ -55,6 +62,21 @@ class LookupView:
     quarantined: Mapping[str, float]
     reports: Mapping[str, int]
     requester_zone: str | None = None
+    expected: Mapping[str, Collection[str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseOutcome:
+    """What :meth:`PeerStore.lease` did: ``granted`` the digests leased to the requester now
+    (request order); ``others`` maps digests leased to another live peer to that peer's id;
+    ``peers`` has the state of every peer named in ``others``. A digest in neither was refused
+    (the requester holds its limit of leases). ``live``: the requester is registered and
+    live (when not, nothing was granted)."""
+
+    granted: list[str]
+    others: dict[str, str]
+    peers: dict[str, PeerState]
+    live: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,8 +122,9 @@ class PeerStore(ABC):
     async def register(self, info: PeerInfo, *, now: float, reset: bool) -> None:
         """Add or replace a peer; it is live as of ``now`` with zero load.
 
-        With ``reset`` its previous announcements are forgotten (a restarted peer re-announces
-        its whole store); without, they are kept (a re-registration after a network blip).
+        With ``reset`` its previous announcements and leases are forgotten (a restarted peer
+        re-announces its whole store); without, they are kept (a re-registration after a
+        network blip).
         """
 
     @abstractmethod
@@ -112,7 +135,7 @@ class PeerStore(ABC):
 
     @abstractmethod
     async def leave(self, peer_id: str) -> bool:
-        """Remove the peer and all its announcements; False if it was not registered."""
+        """Remove the peer, its announcements and leases; False if it was not registered."""
 
     @abstractmethod
     async def get_peer(self, peer_id: str) -> tuple[PeerState, int] | None:
@@ -121,8 +144,8 @@ class PeerStore(ABC):
 
     @abstractmethod
     async def expire(self, alive_since: float) -> list[str]:
-        """Remove every peer with ``last_seen < alive_since`` and its announcements; return
-        their ids. Safe to run concurrently on several replicas: each peer is removed once,
+        """Remove every peer with ``last_seen < alive_since``, its announcements and leases;
+        return their ids. Safe to run concurrently on several replicas: each peer is removed once,
         and a peer whose heartbeat arrived meanwhile is kept."""
 
     # -- chunks --------------------------------------------------------------------------
@@ -130,8 +153,9 @@ class PeerStore(ABC):
     @abstractmethod
     async def announce(self, peer_id: str, digests: Sequence[str], *,
                        alive_since: float) -> int | None:
-        """Record that the live peer holds ``digests``; return how many were new for it.
-        ``None`` (nothing recorded) when the peer is unknown or expired."""
+        """Record that the live peer holds ``digests`` (ending its leases on them); return how
+        many were new for it. ``None`` (nothing recorded) when the peer is unknown or
+        expired."""
 
     @abstractmethod
     async def withdraw(self, peer_id: str, digests: Sequence[str]) -> int:
@@ -140,9 +164,36 @@ class PeerStore(ABC):
 
     @abstractmethod
     async def lookup(self, digests: Sequence[str], *, reports_since: float,
-                     requester: str | None = None) -> LookupView:
+                     requester: str | None = None, now: float | None = None) -> LookupView:
         """Raw candidates for ``digests`` (see :class:`LookupView`), and the zone of
-        ``requester`` if given (one round trip for both, on remote stores)."""
+        ``requester`` if given (one round trip for both, on remote stores). With ``now``,
+        also the peers expected to hold them (expectations ending after ``now``)."""
+
+    # -- source leases -------------------------------------------------------------------
+
+    @abstractmethod
+    async def lease(self, peer_id: str, digests: Sequence[str], *, now: float, until: float,
+                    alive_since: float, limit: int) -> LeaseOutcome:
+        """Source leases for ``digests`` (which the caller found nobody holds), atomically.
+
+        For each digest in order: a lease that ends after ``now`` held by another peer that is
+        live (registered, ``last_seen >= alive_since``) goes to ``others``; one already held by
+        ``peer_id`` is renewed to ``until`` and granted; otherwise, while ``peer_id`` holds
+        fewer than ``limit`` live leases, a new one until ``until`` is granted (taking over an
+        ended lease or one whose holder is not live). The rest are refused. An unknown or
+        expired ``peer_id`` is granted nothing (``others`` is still filled in).
+        """
+
+    @abstractmethod
+    async def expect(self, peer_id: str, digests: Sequence[str], *, until: float) -> None:
+        """Record that ``peer_id`` is fetching ``digests`` from other peers and will hold them
+        soon: until ``until`` (or until it announces one, leaves, expires or registers with
+        ``reset``), lookups that pass ``now`` name it as a candidate too, so the next
+        requesters can get the chunk from it instead of all from the first holder."""
+
+    @abstractmethod
+    async def expire_leases(self, now: float) -> int:
+        """Forget leases and expectations that ended before ``now``; return how many."""
 
     # -- reports -------------------------------------------------------------------------
 

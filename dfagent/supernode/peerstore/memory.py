@@ -25,7 +25,13 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from dfagent.supernode.model import PeerInfo, PeerLoad, PeerState
-from dfagent.supernode.peerstore.base import LookupView, PeerStore, ReportOutcome, StoreStats
+from dfagent.supernode.peerstore.base import (
+    LeaseOutcome,
+    LookupView,
+    PeerStore,
+    ReportOutcome,
+    StoreStats,
+)
 
 __all__ = ["MemoryPeerStore"]
 
@@ -55,6 +61,10 @@ class MemoryPeerStore(PeerStore):
         self._held: dict[str, set[str]] = {}
         self._reports: dict[str, dict[str, float]] = {}  # accused -> reporter -> time
         self._quarantine: dict[str, float] = {}  # peer -> end of its quarantine
+        self._leases: dict[str, tuple[str, float]] = {}  # digest -> (holder, end)
+        self._leased: dict[str, dict[str, float]] = {}  # holder -> digest -> end
+        self._expected: dict[str, dict[str, float]] = {}  # digest -> peer -> end
+        self._expects: dict[str, set[str]] = {}  # peer -> digests it is expected to hold
         self._entries = 0
 
     # -- peers ---------------------------------------------------------------------------
@@ -64,6 +74,7 @@ class MemoryPeerStore(PeerStore):
         if old is not None:
             if reset:
                 self._drop_chunks(old.id)
+                self._drop_leases(old.id)
             # Keep the first id object: the holder sets reference it (one string per peer).
             info = replace(info, id=old.id)
         self._peers[info.id] = PeerState(info=info, load=_ZERO_LOAD, registered_at=now,
@@ -83,6 +94,7 @@ class MemoryPeerStore(PeerStore):
         if state is None:
             return False
         self._drop_chunks(state.id)
+        self._drop_leases(state.id)
         return True
 
     async def get_peer(self, peer_id: str) -> tuple[PeerState, int] | None:
@@ -96,6 +108,7 @@ class MemoryPeerStore(PeerStore):
         for pid in gone:
             del self._peers[pid]
             self._drop_chunks(pid)
+            self._drop_leases(pid)
         for accused in [a for a in self._reports if a not in self._peers]:
             del self._reports[accused]  # reports about peers that are gone only cost memory
         return gone
@@ -135,6 +148,17 @@ class MemoryPeerStore(PeerStore):
             held.add(holders.digest)
             added += 1
         self._entries += added
+        mine = self._leased.get(pid)
+        if mine:
+            for d in digests:
+                if mine.pop(d, None) is not None:
+                    del self._leases[d]
+        soon = self._expects.get(pid)
+        if soon:
+            for d in digests:
+                if d in soon:
+                    soon.discard(d)
+                    self._unexpect(d, pid)
         return added
 
     async def withdraw(self, peer_id: str, digests: Sequence[str]) -> int:
@@ -156,13 +180,21 @@ class MemoryPeerStore(PeerStore):
         return removed
 
     async def lookup(self, digests: Sequence[str], *, reports_since: float,
-                     requester: str | None = None) -> LookupView:
+                     requester: str | None = None, now: float | None = None) -> LookupView:
         get = self._holders.get
         found: dict[str, _Holders] = {}
         for d in digests:
             holders = get(d)
             if holders is not None:
                 found[d] = holders
+        expected: dict[str, list[str]] = {}
+        if now is not None and self._expected:
+            for d in digests:
+                who = self._expected.get(d)
+                if who:
+                    live = [pid for pid, end in who.items() if end > now]
+                    if live:
+                        expected[d] = live
         reports: dict[str, int] = {}
         for accused, by in self._reports.items():  # only peers someone complained about
             n = sum(1 for t in by.values() if t >= reports_since)
@@ -170,7 +202,93 @@ class MemoryPeerStore(PeerStore):
                 reports[accused] = n
         me = self._peers.get(requester) if requester is not None else None
         return LookupView(holders=found, peers=self._peers, quarantined=self._quarantine,
-                          reports=reports, requester_zone=me.info.zone if me else None)
+                          reports=reports, requester_zone=me.info.zone if me else None,
+                          expected=expected)
+
+    # -- source leases -------------------------------------------------------------------
+
+    def _drop_leases(self, peer_id: str) -> None:
+        for d in self._leased.pop(peer_id, {}):
+            del self._leases[d]
+        for d in self._expects.pop(peer_id, ()):
+            self._unexpect(d, peer_id)
+
+    def _unexpect(self, digest: str, peer_id: str) -> None:
+        who = self._expected.get(digest)
+        if who is not None:
+            who.pop(peer_id, None)
+            if not who:
+                del self._expected[digest]
+
+    async def expect(self, peer_id: str, digests: Sequence[str], *, until: float) -> None:
+        state = self._peers.get(peer_id)
+        if state is None:
+            return
+        pid = state.id
+        soon = self._expects.setdefault(pid, set())
+        for d in digests:
+            self._expected.setdefault(d, {})[pid] = until
+            soon.add(d)
+
+    async def lease(self, peer_id: str, digests: Sequence[str], *, now: float, until: float,
+                    alive_since: float, limit: int) -> LeaseOutcome:
+        peers = self._peers
+        me = peers.get(peer_id)
+        live_me = me is not None and me.last_seen >= alive_since
+        mine = self._leased.get(peer_id, {})
+        held = sum(1 for end in mine.values() if end > now)
+        granted: list[str] = []
+        others: dict[str, str] = {}
+        named: dict[str, PeerState] = {}
+        for d in digests:
+            cur = self._leases.get(d)
+            if cur is not None:
+                holder, end = cur
+                if holder == peer_id:
+                    if live_me:
+                        if end <= now:
+                            held += 1
+                        self._leases[d] = (holder, until)
+                        mine[d] = until
+                        granted.append(d)
+                    continue
+                st = peers.get(holder)
+                if end > now and st is not None and st.last_seen >= alive_since:
+                    others[d] = holder
+                    named[holder] = st
+                    continue
+            if not live_me or held >= limit:
+                continue
+            if cur is not None:  # an ended lease, or its holder is gone: take it over
+                self._leased.get(cur[0], {}).pop(d, None)
+            assert me is not None
+            self._leases[d] = (me.id, until)
+            mine[d] = until
+            held += 1
+            granted.append(d)
+        if mine and peer_id not in self._leased:
+            self._leased[peer_id] = mine
+        return LeaseOutcome(granted=granted, others=others, peers=named, live=live_me)
+
+    async def expire_leases(self, now: float) -> int:
+        gone = [(d, pid) for d, who in self._expected.items()
+                for pid, end in who.items() if end < now]
+        for d, pid in gone:
+            self._unexpect(d, pid)
+            soon = self._expects.get(pid)
+            if soon is not None:
+                soon.discard(d)
+                if not soon:
+                    del self._expects[pid]
+        ended = [(d, holder) for d, (holder, end) in self._leases.items() if end < now]
+        for d, holder in ended:
+            del self._leases[d]
+            mine = self._leased.get(holder)
+            if mine is not None:
+                mine.pop(d, None)
+                if not mine:
+                    del self._leased[holder]
+        return len(ended) + len(gone)
 
     # -- reports -------------------------------------------------------------------------
 

@@ -16,6 +16,12 @@ Keys, all under ``prefix`` (default ``dfagent:sn:``; one prefix per cluster)::
     chunk:<digest>      set   peer ids holding the digest (deleted when empty)
     reports:<peer id>   zset  reporter id, score = time of its latest report
     quarantine          zset  peer id, score = end of its quarantine
+    lease               hash  digest -> "HOLDER END" (a source lease)
+    leases              zset  digest, score = end of its lease (for the sweep)
+    leased:<peer id>    zset  digests leased to the peer, score = end
+    expected:<digest>   zset  peers expected to hold the digest soon, score = end
+    expects:<peer id>   set   digests the peer is expected to hold
+    expectations        zset  "DIGEST PEER", score = end (for the sweep)
     nchunks, nentries   counters of non-empty chunk:* sets and of (peer, digest) pairs
 
 Time is never Redis's: liveness and quarantine are timestamps from the supernodes' injected
@@ -45,7 +51,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dfagent.errors import StoreError, StoreUnavailable
 from dfagent.supernode.model import PeerInfo, PeerLoad, PeerState
-from dfagent.supernode.peerstore.base import LookupView, PeerStore, ReportOutcome, StoreStats
+from dfagent.supernode.peerstore.base import (
+    LeaseOutcome,
+    LookupView,
+    PeerStore,
+    ReportOutcome,
+    StoreStats,
+)
 
 __all__ = ["RedisPeerStore"]
 
@@ -68,8 +80,26 @@ local function drop_chunks(p, id)
   if #ds > 0 then redis.call('DECRBY', p .. 'nentries', #ds) end
   if gone > 0 then redis.call('DECRBY', p .. 'nchunks', gone) end
 end
+local function drop_leases(p, id)
+  local mk = p .. 'leased:' .. id
+  for _, d in ipairs(redis.call('ZRANGE', mk, 0, -1)) do
+    local cur = redis.call('HGET', p .. 'lease', d)
+    if cur and string.sub(cur, 1, #id + 1) == id .. ' ' then
+      redis.call('HDEL', p .. 'lease', d)
+      redis.call('ZREM', p .. 'leases', d)
+    end
+  end
+  redis.call('DEL', mk)
+  local ek = p .. 'expects:' .. id
+  for _, d in ipairs(redis.call('SMEMBERS', ek)) do
+    redis.call('ZREM', p .. 'expected:' .. d, id)
+    redis.call('ZREM', p .. 'expectations', d .. ' ' .. id)
+  end
+  redis.call('DEL', ek)
+end
 local function remove_peer(p, id)
   drop_chunks(p, id)
+  drop_leases(p, id)
   redis.call('HDEL', p .. 'peers', id)
   redis.call('HDEL', p .. 'load', id)
   redis.call('ZREM', p .. 'seen', id)
@@ -84,7 +114,7 @@ end
 # ARGV: prefix, id, info JSON, now, reset (0|1)
 _REGISTER = _LIB + """
 local p, id = ARGV[1], ARGV[2]
-if ARGV[5] == '1' then drop_chunks(p, id) end
+if ARGV[5] == '1' then drop_chunks(p, id); drop_leases(p, id) end
 redis.call('HSET', p .. 'peers', id, ARGV[3])
 redis.call('HSET', p .. 'load', id, '0 0')
 redis.call('ZADD', p .. 'seen', ARGV[4], id)
@@ -134,7 +164,114 @@ for i = 4, #ARGV do
 end
 if added > 0 then redis.call('INCRBY', p .. 'nentries', added) end
 if fresh > 0 then redis.call('INCRBY', p .. 'nchunks', fresh) end
+local mk = p .. 'leased:' .. id
+if redis.call('EXISTS', mk) == 1 then
+  for i = 4, #ARGV do
+    if redis.call('ZREM', mk, ARGV[i]) == 1 then
+      redis.call('HDEL', p .. 'lease', ARGV[i])
+      redis.call('ZREM', p .. 'leases', ARGV[i])
+    end
+  end
+end
+local ek = p .. 'expects:' .. id
+if redis.call('EXISTS', ek) == 1 then
+  for i = 4, #ARGV do
+    if redis.call('SREM', ek, ARGV[i]) == 1 then
+      redis.call('ZREM', p .. 'expected:' .. ARGV[i], id)
+      redis.call('ZREM', p .. 'expectations', ARGV[i] .. ' ' .. id)
+    end
+  end
+end
 return added
+"""
+
+# ARGV: prefix, id, until, digest...
+_EXPECT = """
+local p, id, until_s = ARGV[1], ARGV[2], ARGV[3]
+if redis.call('HEXISTS', p .. 'peers', id) == 0 then return 0 end
+for i = 4, #ARGV do
+  local d = ARGV[i]
+  redis.call('ZADD', p .. 'expected:' .. d, until_s, id)
+  redis.call('ZADD', p .. 'expectations', until_s, d .. ' ' .. id)
+  redis.call('SADD', p .. 'expects:' .. id, d)
+end
+return 1
+"""
+
+# ARGV: prefix, id, now, until, alive_since, limit, digest...
+#   -> JSON [granted digests, {digest: holder}, {holder: [info JSON, load, last_seen]},
+#            1 if the requester is live else 0]
+_LEASE = _LIB + """
+local p, id, now_s, until_s = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local now, since, limit = tonumber(now_s), ARGV[5], tonumber(ARGV[6])
+local me = live(p, id, since)
+local mk = p .. 'leased:' .. id
+local held = redis.call('ZCOUNT', mk, '(' .. now_s, '+inf')
+local granted, others, peers = {}, {}, {}
+for i = 7, #ARGV do
+  local d = ARGV[i]
+  local cur = redis.call('HGET', p .. 'lease', d)
+  local free, old = true, nil
+  if cur then
+    local sp = string.find(cur, ' ', 1, true)
+    local holder, e = string.sub(cur, 1, sp - 1), tonumber(string.sub(cur, sp + 1))
+    if holder == id then
+      free = false
+      if me then
+        if e <= now then held = held + 1 end
+        redis.call('HSET', p .. 'lease', d, id .. ' ' .. until_s)
+        redis.call('ZADD', p .. 'leases', until_s, d)
+        redis.call('ZADD', mk, until_s, d)
+        granted[#granted + 1] = d
+      end
+    elseif e > now and live(p, holder, since) then
+      free = false
+      others[d] = holder
+      if not peers[holder] then
+        peers[holder] = {redis.call('HGET', p .. 'peers', holder) or '',
+                         redis.call('HGET', p .. 'load', holder) or '',
+                         redis.call('ZSCORE', p .. 'seen', holder) or ''}
+      end
+    else
+      old = holder
+    end
+  end
+  if free and me and held < limit then
+    if old then redis.call('ZREM', p .. 'leased:' .. old, d) end
+    redis.call('HSET', p .. 'lease', d, id .. ' ' .. until_s)
+    redis.call('ZADD', p .. 'leases', until_s, d)
+    redis.call('ZADD', mk, until_s, d)
+    held = held + 1
+    granted[#granted + 1] = d
+  end
+end
+return cjson.encode({granted, others, peers, me and 1 or 0})
+"""
+
+# ARGV: prefix, now, batch -> leases forgotten (at most batch)
+_EXPIRE_LEASES = """
+local p = ARGV[1]
+local ds = redis.call('ZRANGEBYSCORE', p .. 'leases', '-inf', '(' .. ARGV[2],
+                      'LIMIT', 0, tonumber(ARGV[3]))
+for _, d in ipairs(ds) do
+  local cur = redis.call('HGET', p .. 'lease', d)
+  if cur then
+    local holder = string.sub(cur, 1, string.find(cur, ' ', 1, true) - 1)
+    redis.call('ZREM', p .. 'leased:' .. holder, d)
+    redis.call('HDEL', p .. 'lease', d)
+  end
+  redis.call('ZREM', p .. 'leases', d)
+end
+local es = redis.call('ZRANGEBYSCORE', p .. 'expectations', '-inf', '(' .. ARGV[2],
+                      'LIMIT', 0, tonumber(ARGV[3]))
+for _, e in ipairs(es) do
+  local sp = string.find(e, ' ', 1, true)
+  local d, id = string.sub(e, 1, sp - 1), string.sub(e, sp + 1)
+  redis.call('ZREM', p .. 'expected:' .. d, id)
+  redis.call('SREM', p .. 'expects:' .. id, d)
+  redis.call('ZREM', p .. 'expectations', e)
+end
+return #ds + #es
 """
 
 # ARGV: prefix, id, digest... -> entries removed
@@ -176,20 +313,30 @@ return {n, 0, 0}
 """
 
 
-# ARGV: prefix, reports_since, requester ("" = none), digest...
+# ARGV: prefix, reports_since, requester ("" = none), now ("" = no expectations), digest...
 #   -> one JSON string (one reply to parse, in C):
 #   [{digest: [peer id, ...]}, {peer id: [info JSON, load, last_seen, quarantine end, reports]},
-#    requester's info JSON]
+#    requester's info JSON, {digest: [expected peer id, ...]}]
 # (cjson writes an empty table as {}; peers that left are omitted; missing values are "").
 _LOOKUP = """
 local p, since = ARGV[1], ARGV[2]
-local holders, ids, known = {}, {}, {}
-for i = 4, #ARGV do
+local holders, ids, known, expected = {}, {}, {}, {}
+local now = ARGV[4]
+for i = 5, #ARGV do
   local m = redis.call('SMEMBERS', p .. 'chunk:' .. ARGV[i])
   if #m > 0 then
     holders[ARGV[i]] = m
     for _, id in ipairs(m) do
       if not known[id] then known[id] = true; ids[#ids + 1] = id end
+    end
+  end
+  if now ~= '' then
+    local e = redis.call('ZRANGEBYSCORE', p .. 'expected:' .. ARGV[i], '(' .. now, '+inf')
+    if #e > 0 then
+      expected[ARGV[i]] = e
+      for _, id in ipairs(e) do
+        if not known[id] then known[id] = true; ids[#ids + 1] = id end
+      end
     end
   end
 end
@@ -205,7 +352,7 @@ for _, id in ipairs(ids) do
 end
 local me = ''
 if ARGV[3] ~= '' then me = redis.call('HGET', p .. 'peers', ARGV[3]) or '' end
-return cjson.encode({holders, peers, me})
+return cjson.encode({holders, peers, me, expected})
 """
 
 _INFO_CACHE_MAX = 50_000  # decoded peer records kept (by their JSON text)
@@ -282,7 +429,9 @@ class RedisPeerStore(PeerStore):
         self._r = aioredis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 1))
         for name, src in (("register", _REGISTER), ("heartbeat", _HEARTBEAT),
                           ("leave", _LEAVE), ("expire", _EXPIRE), ("announce", _ANNOUNCE),
-                          ("withdraw", _WITHDRAW), ("report", _REPORT), ("lookup", _LOOKUP)):
+                          ("withdraw", _WITHDRAW), ("report", _REPORT), ("lookup", _LOOKUP),
+                          ("lease", _LEASE), ("expire_leases", _EXPIRE_LEASES),
+                          ("expect", _EXPECT)):
             self._scripts[name] = self._r.register_script(src)
 
     async def close(self) -> None:
@@ -373,11 +522,11 @@ class RedisPeerStore(PeerStore):
         return int(await self._script("withdraw", [self._p, peer_id, *digests]))
 
     async def lookup(self, digests: Sequence[str], *, reports_since: float,
-                     requester: str | None = None) -> LookupView:
+                     requester: str | None = None, now: float | None = None) -> LookupView:
         raw = await self._script("lookup", [self._p, _f(reports_since), requester or "",
-                                            *digests])
+                                            "" if now is None else _f(now), *digests])
         try:
-            found, described, me = json.loads(raw)
+            found, described, me, expected = json.loads(raw)
             zone = (_state(requester, me, None, 0.0, self._infos).info.zone
                     if requester and me else None)
         except (ValueError, TypeError) as exc:
@@ -395,7 +544,36 @@ class RedisPeerStore(PeerStore):
             if n:
                 reports[pid] = int(n)
         return LookupView(holders=holders, peers=peers, quarantined=quarantined,
-                          reports=reports, requester_zone=zone)
+                          reports=reports, requester_zone=zone, expected=expected or {})
+
+    # -- source leases -------------------------------------------------------------------
+
+    async def lease(self, peer_id: str, digests: Sequence[str], *, now: float, until: float,
+                    alive_since: float, limit: int) -> LeaseOutcome:
+        raw = await self._script("lease", [self._p, peer_id, _f(now), _f(until),
+                                           _f(alive_since), limit, *digests])
+        try:
+            granted, others, described, live = json.loads(raw)
+            peers = {pid: _state(pid, info, load, float(seen), self._infos)
+                     for pid, (info, load, seen) in (described or {}).items()}
+        except (ValueError, TypeError) as exc:
+            raise StoreError(f"redis: malformed lease reply: {exc}") from exc
+        # cjson encodes an empty table as {}: an empty list of granted digests too.
+        return LeaseOutcome(granted=list(granted or []), others=dict(others or {}),
+                            peers=peers, live=bool(live))
+
+    async def expect(self, peer_id: str, digests: Sequence[str], *, until: float) -> None:
+        if digests:
+            await self._script("expect", [self._p, peer_id, _f(until), *digests])
+
+    async def expire_leases(self, now: float) -> int:
+        n = 0
+        for _ in range(_EXPIRE_ROUNDS):
+            got = int(await self._script("expire_leases", [self._p, _f(now), 1000]))
+            n += got
+            if got < 1000:
+                break
+        return n
 
     # -- reports -------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ accepts connections and never answers, as a stopped process does.
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 from dfagent.peer.agent import RunningPeer, start_peer
@@ -103,3 +104,29 @@ def test_slow_peer_is_hedged_and_bad_source_data_is_refused(tmp_path: Path) -> N
             await sn.close()
 
     run(go())
+
+
+def test_requests_spread_by_what_this_node_knows(tmp_path: Path) -> None:
+    """Candidates are picked by this node's own in-flight requests and recent 429s (fresher
+    than the supernode's heartbeat-old load), the supernode's order breaking ties."""
+    from dfagent.metrics import PeerMetrics
+    from dfagent.peer.config import SourceConfig
+    from dfagent.peer.fetcher import Fetcher
+    from dfagent.peer.source import SourcePool
+    from dfagent.peer.store import ChunkStore
+    from dfagent.supernode.client import PeerRef
+
+    f = Fetcher(ChunkStore(tmp_path / "s", 1 << 20), SourcePool(SourceConfig()), PeerMetrics(),
+                FetchConfig())
+    a, b, c = (PeerRef(id=x, address=f"http://127.0.0.1:{i}", zone="") for i, x in
+               enumerate("abc", 9000))
+    assert f._choose([a, b, c], set()) is a  # nothing known: the supernode's order
+    f._asking.update({"a": 2, "b": 1})
+    assert f._choose([a, b, c], set()) is c  # the one this node asks least
+    f._asking["c"] = 3
+    assert f._choose([a, b, c], set()) is b
+    f._busy_until["b"] = time.monotonic() + 60  # b refused us a moment ago
+    assert f._choose([a, b, c], set()) is a
+    assert f._choose([a, b, c], {"a", "c"}) is b  # busy ones still beat nothing
+    f._bad_until["b"] = time.monotonic() + 60
+    assert f._choose([a, b, c], {"a", "c"}) is None  # bad ones are skipped

@@ -303,3 +303,81 @@ def test_redis_password_never_in_errors() -> None:
             await store.close()
 
     run(go())
+
+
+def test_source_leases(store_factory: StoreFactory) -> None:
+    async def body(s: PeerStore) -> None:
+        d = digests(5)
+        alive = T0 - 30
+        for pid in ("a", "b"):
+            await s.register(peer(pid), now=T0, reset=False)
+        # a takes leases up to its limit, in request order; the rest are refused.
+        got = await s.lease("a", d[:3], now=T0, until=T0 + 10, alive_since=alive, limit=2)
+        assert (got.granted, got.others, got.live) == (d[:2], {}, True)
+        # b is pointed at a for those, and gets the one a was refused.
+        got = await s.lease("b", d[:3], now=T0 + 1, until=T0 + 11, alive_since=alive, limit=2)
+        assert got.granted == [d[2]] and got.others == {d[0]: "a", d[1]: "a"}
+        assert got.peers["a"].info.address == "http://127.0.0.1:9000"
+        # Asking again renews one's own lease (and does not count it twice).
+        got = await s.lease("a", [d[0], d[3]], now=T0 + 2, until=T0 + 12, alive_since=alive,
+                            limit=2)
+        assert got.granted == [d[0]]
+        # Announcing the chunk ends the lease: a's slot is free again.
+        await s.announce("a", [d[0]], alive_since=alive)
+        got = await s.lease("a", [d[3]], now=T0 + 3, until=T0 + 13, alive_since=alive, limit=2)
+        assert got.granted == [d[3]]
+        # A lease past its end is free for anyone.
+        got = await s.lease("b", [d[1]], now=T0 + 11, until=T0 + 21, alive_since=alive,
+                            limit=5)
+        assert got.granted == [d[1]]
+        # A holder that stopped heartbeating does not block others, even before its lease ends.
+        assert await s.heartbeat("b", PeerLoad(), now=T0 + 12, alive_since=alive)
+        got = await s.lease("b", [d[3]], now=T0 + 12, until=T0 + 22, alive_since=T0 + 1,
+                            limit=5)
+        assert got.granted == [d[3]] and got.others == {}
+        # An unknown or expired requester is granted nothing, and is told so.
+        got = await s.lease("ghost", [d[4]], now=T0, until=T0 + 10, alive_since=alive, limit=5)
+        assert (got.granted, got.live) == ([], False)
+        # Leaving drops a peer's leases; the sweep forgets ended ones.
+        assert await s.leave("b")
+        got = await s.lease("a", d[1:4], now=T0 + 13, until=T0 + 23, alive_since=alive,
+                            limit=5)
+        assert got.granted == d[1:4]
+        assert await s.expire_leases(T0 + 24) >= 3
+        await s.register(peer("b"), now=T0 + 24, reset=False)
+        got = await s.lease("b", d[1:4], now=T0 + 24, until=T0 + 34, alive_since=alive,
+                            limit=5)
+        assert got.granted == d[1:4]
+        # A reset registration drops them too.
+        await s.register(peer("b"), now=T0 + 25, reset=True)
+        got = await s.lease("a", d[1:2], now=T0 + 25, until=T0 + 35, alive_since=alive,
+                            limit=5)
+        assert got.granted == d[1:2]
+
+    check(store_factory, body)
+
+
+def test_expected_holders(store_factory: StoreFactory) -> None:
+    async def body(s: PeerStore) -> None:
+        d = digests(3)
+        for pid in ("a", "b"):
+            await s.register(peer(pid), now=T0, reset=False)
+        await s.expect("a", d[:2], until=T0 + 10)
+        await s.expect("ghost", d, until=T0 + 10)  # unknown peers are ignored
+        view = await s.lookup(d, reports_since=FAR, now=T0 + 1)
+        assert {k: sorted(v) for k, v in view.expected.items()} == {d[0]: ["a"], d[1]: ["a"]}
+        assert "a" in view.peers and view.holders == {}
+        assert (await s.lookup(d, reports_since=FAR)).expected == {}  # only when asked (now)
+        assert (await s.lookup(d, reports_since=FAR, now=T0 + 10)).expected == {}  # ended
+        # Announcing turns an expectation into a holder; leaving drops the rest.
+        await s.announce("a", d[:1], alive_since=FAR)
+        view = await s.lookup(d, reports_since=FAR, now=T0 + 1)
+        assert set(view.expected) == {d[1]} and set(view.holders) == {d[0]}
+        await s.expect("b", d[2:], until=T0 + 10)
+        assert await s.leave("a")
+        view = await s.lookup(d, reports_since=FAR, now=T0 + 1)
+        assert {k: list(v) for k, v in view.expected.items()} == {d[2]: ["b"]}
+        assert await s.expire_leases(T0 + 11) == 1
+        assert (await s.lookup(d, reports_since=FAR, now=T0)).expected == {}
+
+    check(store_factory, body)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import random
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 import pytest
 
 from dfagent.errors import RequestError
-from dfagent.supernode.config import QuarantineConfig, SupernodeConfig
+from dfagent.supernode.config import LeaseConfig, QuarantineConfig, SupernodeConfig
 from dfagent.supernode.model import PeerLoad
 from dfagent.supernode.scheduler import Scheduler
 
@@ -180,5 +181,51 @@ def test_lookup_uses_requester_zone_and_k(store_factory: StoreFactory) -> None:
         answer = await s.lookup(d + digests(2, 10))
         assert list(answer.chunks) == d  # digests nobody holds are absent
         assert s.metrics.lookups.labels("miss")._value.get() == 2
+
+    check(store_factory, body)
+
+
+def test_source_leases_point_others_at_the_fetcher_and_expire(
+        store_factory: StoreFactory) -> None:
+    ds = digests(3)
+    config = SupernodeConfig(peer_ttl=30.0, leases=LeaseConfig(ttl=5.0, per_peer=2))
+
+    async def body(s: Scheduler, clock: FakeClock) -> None:
+        s.config = config
+        for pid in ("a", "b", "c"):
+            await s.register(peer(pid))
+        first = await s.lookup(ds, requester="a", lease=True)
+        assert first and first.leases == ds[:2] and first.chunks == {}
+        # A second requester of an in-flight chunk is pointed at the peer fetching it.
+        second = await s.lookup(ds, requester="b", lease=True)
+        assert second.fetching == {ds[0]: "a", ds[1]: "a"} and second.leases == [ds[2]]
+        assert second.peers["a"].address == "http://127.0.0.1:9000"
+        # a got ds[0]: announcing it ends the lease. c is pointed at the holder and at b,
+        # which will have both soon (so copies spread as a tree, not all from a).
+        await s.announce("a", [ds[0]])
+        third = await s.lookup(ds[:2], requester="c", lease=True)
+        assert {d: sorted(ps) for d, ps in third.chunks.items()} == {ds[0]: ["a", "b"],
+                                                                     ds[1]: ["b"]}
+        assert third.fetching == {} and third.leases == []
+        # Leases expire quickly: a's unfinished one passes to the next requester.
+        clock.advance(6)
+        later = await s.lookup(ds[1:2], requester="c", lease=True)
+        assert later and later.leases == [ds[1]]
+        # A holder that dies (no heartbeats) stops blocking others even before its lease ends.
+        s.config = replace(config, leases=LeaseConfig(ttl=600.0, per_peer=2))
+        held = await s.lookup(ds[2:], requester="c", lease=True)
+        assert held and held.leases == [ds[2]]
+        clock.advance(20)
+        assert await s.heartbeat("b", PeerLoad())
+        blocked = await s.lookup(ds[2:], requester="b", lease=True)
+        assert blocked and blocked.fetching == {ds[2]: "c"}
+        clock.advance(11)  # c last seen 31 s ago: expired (peer_ttl 30), not yet swept
+        got = await s.lookup(ds[2:], requester="b", lease=True)
+        assert got and got.leases == [ds[2]] and got.fetching == {}
+        # Without lease, or from a requester the supernode does not know: no leases.
+        plain = await s.lookup(ds[2:], requester="a")
+        assert plain and plain.leases == [] and plain.fetching == {}
+        ghost = await s.lookup(digests(1, start=9), requester="ghost", lease=True)
+        assert not ghost.requester_known and ghost.leases == []
 
     check(store_factory, body)
