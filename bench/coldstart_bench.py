@@ -9,8 +9,12 @@ invisible here).
 
 The image is the python3 image of :mod:`oci_images` (the ``bench/rootfs.sh`` packages, 5
 layers), pushed once with skopeo and converted once with ``nydusfs convert`` before the link
-is shaped. Its Cmd runs ``/app/main.py``: ``import json, email, http.client; print("ready")``.
-The time measured is from the first command until that line arrives on runc's stdout:
+is shaped, with :data:`CONVERT_FLAGS` (``--chunk-size 256K --zstd-level 19``: what an image
+meant to start over slow links is converted with; level 19 makes the chunks a start fetches
+~15% smaller than the default level 3 and the conversion ~6x slower, the chunk size hardly
+matters either way: measured in docs/benchmarks.md). Its Cmd runs ``/app/main.py``: ``import
+json, email, http.client; print("ready")``. The time measured is from the first command until
+that line arrives on runc's stdout:
 
 - ``full``: ``skopeo copy docker://REG/bench/python:oci oci:LAYOUT:t`` (in ``dfb-node``), then
   ``umoci unpack`` (which writes the runc bundle with the image's config), then ``runc run``;
@@ -33,9 +37,13 @@ goal compares bytes fetched to bytes read; the decompressed size of the chunks f
 disk cache's ``bytes_stored``, every fetched chunk is stored once) is recorded too, for the
 amplification from chunk granularity alone. The files in the access trace and their sizes (in
 an umoci-unpacked copy of the image) are kept in the raw results as ``trace_files`` /
-``trace_file_bytes``; the trace misses files whose directory was listed before they were
-opened (READDIRPLUS creates the kernel's dentries without a LOOKUP, which is where the trace
-learns paths), so it undercounts.
+``trace_file_bytes``.
+
+Where the time goes: each nydusfs sample keeps a ``timeline`` in seconds from the first
+command: the mount daemon's own marks from ``nydusfs stat --json`` (``process_start`` of the
+``nydusfs mount`` command, ``mount_start``, ``manifest``, ``bootstrap``, ``ready`` = FUSE up,
+``first_read`` / ``last_read`` through FUSE) and this script's (``mount_returned``,
+``runc_start``, ``ready_line``).
 
 Raw samples go to ``bench/.cache/results/coldstart.json``; ``report.py`` renders the medians.
 Needs root, /dev/fuse, runc, umoci, skopeo, docker-registry, ``tc`` with tbf.
@@ -86,6 +94,8 @@ REG_IP, NODE_IP = "10.214.77.1", "10.214.77.2"
 REG_ADDR = f"{REG_IP}:5000"
 OCI_REPO, NYDUS_REPO = "bench/python:oci", "bench/python:nydus"
 PREFETCH_REPO = "bench/python:nydus-prefetch"
+# How the nydusfs images are converted (see the module docstring).
+CONVERT_FLAGS = ("--chunk-size", "256K", "--zstd-level", "19")
 READY = "ready"
 STEP_TIMEOUT = 600.0  # bound on one step (a pull at 3 MB/s of ~65 MB takes ~25 s)
 WAIT = 60.0
@@ -334,6 +344,7 @@ def nydus_start(work: Path, runc: Runc, link: Link, ref: str, image_config: dict
     drop_caches()
     tx0 = link.tx_bytes()
     t0 = time.perf_counter()
+    wall0 = time.time()
     try:
         mount.mount(ref, config)
         t_mount = time.perf_counter()
@@ -345,6 +356,7 @@ def nydus_start(work: Path, runc: Runc, link: Link, ref: str, image_config: dict
                str(merged))
         (bundle / "config.json").write_text(
             json.dumps(bundle_config(image_config, template, merged)))
+        t_runc = time.perf_counter()
         ready, _ = runc.run_until_ready(bundle, t0)
         wire = link.tx_bytes() - tx0
         status = mount.status()
@@ -358,7 +370,12 @@ def nydus_start(work: Path, runc: Runc, link: Link, ref: str, image_config: dict
     shutil.rmtree(run_dir, ignore_errors=True)
     rd = status.get("read", {})
     backend = status.get("backend_counters", {})
+    # Seconds from t0: the daemon's own marks (wall clock), then ours.
+    timeline = {k: v - wall0 for k, v in (status.get("timeline") or {}).items()}
+    timeline.update({"mount_returned": t_mount - t0, "runc_start": t_runc - t0,
+                     "ready_line": ready})
     return {"ready": ready, "mount": t_mount - t0, "run": ready - (t_mount - t0),
+            "timeline": timeline,
             "wire_bytes": wire, "fetched_bytes": backend.get("bytes_read"),
             "backend_reads": backend.get("reads"),
             "fuse_bytes_read": rd.get("bytes_read"), "fuse_reads": rd.get("reads"),
@@ -401,9 +418,11 @@ def prepare_registry(image: OciImage, storage: Path, work: Path, with_nydus: boo
         blob = storage / "docker/registry/v2/blobs/sha256" / cfg_digest[7:9] / cfg_digest[7:]
         info["image_config"] = json.loads((blob / "data").read_text())
         if with_nydus:
-            run([*NYDUSFS, "convert", f"{reg.host}/{OCI_REPO}", f"{reg.host}/{NYDUS_REPO}"],
-                timeout=STEP_TIMEOUT, what="nydusfs convert")
-            info["nydus"] = nydus_sizes(f"{reg.host}/{NYDUS_REPO}")
+            t0 = time.perf_counter()
+            run([*NYDUSFS, "convert", *CONVERT_FLAGS, f"{reg.host}/{OCI_REPO}",
+                 f"{reg.host}/{NYDUS_REPO}"], timeout=STEP_TIMEOUT, what="nydusfs convert")
+            info["nydus"] = {**nydus_sizes(f"{reg.host}/{NYDUS_REPO}"),
+                             "convert_seconds": time.perf_counter() - t0}
         return info
     finally:
         reg.stop()
@@ -419,9 +438,9 @@ def profile_and_convert(work: Path, runc: Runc, link: Link, prep: dict[str, Any]
     link.shape(None)
     nydus_start(work, runc, link, f"{REG_ADDR}/{NYDUS_REPO}", prep["image_config"], template,
                 work / "ref" / "rootfs", keep_trace=trace)
-    run([*netns_prefix(NODE_NS), *NYDUSFS, "convert", "--plain-http", "--prefetch", str(trace),
-         f"{REG_ADDR}/{OCI_REPO}", f"{REG_ADDR}/{PREFETCH_REPO}"], timeout=STEP_TIMEOUT,
-        what="nydusfs convert --prefetch")
+    run([*netns_prefix(NODE_NS), *NYDUSFS, "convert", *CONVERT_FLAGS, "--plain-http",
+         "--prefetch", str(trace), f"{REG_ADDR}/{OCI_REPO}", f"{REG_ADDR}/{PREFETCH_REPO}"],
+        timeout=STEP_TIMEOUT, what="nydusfs convert --prefetch")
     n = len(dict.fromkeys(trace.read_bytes().splitlines()))
     return {**nydus_sizes(f"{REG_ADDR}/{PREFETCH_REPO}", netns=NODE_NS), "prefetch_files": n}
 
@@ -483,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         s = nydus_start(work, runc, link, refs[method], prep["image_config"],
                                         template, work / "ref" / "rootfs")
+                    s["loadavg"] = os.getloadavg()[0]  # the machine is shared: how busy
                     samples[rate][method].append(s)
                     extra = (f"pull {s['pull']:.1f} s, unpack {s['unpack']:.1f} s"
                              if method == "full" else
@@ -500,13 +520,21 @@ def main(argv: list[str] | None = None) -> int:
         runc.close()
         link.down()
 
-    medians = {r: {m: {k: median([float(s[k]) for s in ss])
-                       for k in ss[0] if isinstance(ss[0][k], int | float)}
-                   for m, ss in by_m.items()} for r, by_m in samples.items()}
+    medians: dict[str, dict[str, dict[str, Any]]] = {
+        r: {m: {k: median([float(s[k]) for s in ss])
+                for k in ss[0] if isinstance(ss[0][k], int | float)}
+            for m, ss in by_m.items()} for r, by_m in samples.items()}
+    for r, by_m in samples.items():  # the timeline's marks, each its own median
+        for m, ss in by_m.items():
+            marks = [s["timeline"] for s in ss if s.get("timeline")]
+            if marks:
+                medians[r][m]["timeline"] = {k: median([t[k] for t in marks if k in t])
+                                             for k in marks[0]}
     result: dict[str, Any] = {
         "machine": machine_info(),
         "command": "make bench-coldstart   # .venv/bin/python bench/coldstart_bench.py "
                    "--runs N",
+        "convert_flags": list(CONVERT_FLAGS),
         "runs": args.runs,
         "rates": {r: mbit_to_bytes(r) for r in rates},
         "methods": methods,

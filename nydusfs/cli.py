@@ -17,15 +17,18 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nydusfs import __version__
-from nydusfs.builder.build import BuildOptions, build, read_prefetch_file
-from nydusfs.builder.chunker import parse_size
 from nydusfs.errors import NydusfsError
-from nydusfs.format.reader import Bootstrap
-from nydusfs.format.records import Inode
-from nydusfs.verify import check_image
+
+if TYPE_CHECKING:
+    from nydusfs.builder.build import BuildOptions
+    from nydusfs.format.reader import Bootstrap
+    from nydusfs.format.records import Inode
+
+# Each command imports what it needs when it runs: `nydusfs mount` is on a container's start
+# path, and the builder, the verifier or the OCI client would only slow it down.
 
 __all__ = ["main"]
 
@@ -96,9 +99,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="mount configuration (YAML); see docs/configuration.md")
     m.add_argument("--background", action="store_true",
                    help="return once the mount is ready, leaving a daemon serving it")
-    m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)  # used by --background
-    m.add_argument("--log-file", type=Path, help=argparse.SUPPRESS)  # used by --background
-    m.add_argument("--password-fd", type=int, help=argparse.SUPPRESS)  # used by --background
+    # For a supervisor that runs the daemon itself: "1" on this fd once the mount is ready;
+    # a log file to remove at exit if it stayed empty.
+    m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    m.add_argument("--log-file", type=Path, help=argparse.SUPPRESS)
     _add_registry_flags(m, platform=True)
 
     u = sub.add_parser("umount", help="unmount a nydusfs mount (the daemon then exits)")
@@ -158,8 +162,8 @@ def _add_push_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _credentials(args: argparse.Namespace) -> tuple[str | None, str | None]:
-    """``--username`` and the password from stdin (``--password-stdin``) or an inherited pipe
-    (``--password-fd``, how ``mount --background`` hands it to its daemon)."""
+    """``--username`` and the password from stdin (``--password-stdin``); a background mount's
+    forked daemon keeps it in memory, never in its command line or environment."""
     password: str | None = None
     if getattr(args, "password_stdin", False):
         if args.username is None:
@@ -167,9 +171,6 @@ def _credentials(args: argparse.Namespace) -> tuple[str | None, str | None]:
         password = sys.stdin.readline().rstrip("\r\n")
         if not password:
             raise NydusfsError("--password-stdin: no password on standard input")
-    elif getattr(args, "password_fd", None) is not None:
-        with os.fdopen(args.password_fd, "rb") as f:
-            password = f.read(1 << 16).decode()
     if args.username is not None and password is None:
         raise NydusfsError("--username needs --password-stdin")
     return args.username, password
@@ -194,6 +195,9 @@ def _remote_options(args: argparse.Namespace) -> Any:
 
 
 def _build_options(args: argparse.Namespace, chunk_dict: Path | None) -> BuildOptions:
+    from nydusfs.builder.build import BuildOptions, read_prefetch_file
+    from nydusfs.builder.chunker import parse_size
+
     options = BuildOptions(
         chunk_size=parse_size(args.chunk_size),
         chunker=args.chunker,
@@ -209,6 +213,8 @@ def _build_options(args: argparse.Namespace, chunk_dict: Path | None) -> BuildOp
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
+    from nydusfs.builder.build import build
+
     push_to = _parse_push_target(args.push) if args.push is not None else None
     options = _build_options(args, args.chunk_dict)
     result = build(args.sources, args.output, options)
@@ -369,6 +375,7 @@ def _inode_json(boot: Bootstrap, path: str, node: Inode) -> dict[str, Any]:
 def _open_image(args: argparse.Namespace) -> tuple[Bootstrap, dict[str, Any] | None, Any]:
     """The bootstrap named by ``args.bootstrap`` (a file, or fetched for an image reference),
     the manifest's view of the image (``None`` for a file), and the reference (or ``None``)."""
+    from nydusfs.format.reader import Bootstrap
     from nydusfs.mount import resolve_image_arg
 
     target = resolve_image_arg(args.bootstrap)
@@ -436,6 +443,8 @@ def _print_info(info: dict[str, Any], indent: str) -> None:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from nydusfs.verify import check_image
+
     t0 = time.monotonic()
     boot, image, ref = _open_image(args)
     with boot:
@@ -463,6 +472,7 @@ def _check_remote_blobs(args: argparse.Namespace, boot: Bootstrap, ref: Any) -> 
     import tempfile
 
     from nydusfs.oci.client import RegistryClient
+    from nydusfs.verify import check_image
 
     options = _client_options(args)
     with tempfile.TemporaryDirectory(prefix="nydusfs-check-") as tmp:

@@ -26,7 +26,6 @@ from typing import NamedTuple
 
 import yaml
 
-from nydusfs.builder.chunker import parse_size
 from nydusfs.errors import BuildError, ConfigError
 from nydusfs.storage import RESERVED_BACKENDS, UNCACHED_BACKENDS, check_backend_type
 
@@ -483,6 +482,10 @@ def _size(value: object, where: str, *, minimum: int, rate: bool = False) -> int
         text = value.strip()
         if rate and text.lower().endswith("/s"):  # "10MiB/s" reads naturally for bandwidth
             text = text[:-2]
+        # Imported here: the builder package is heavy and a mount (which loads a config on a
+        # container's start path) needs nothing else from it.
+        from nydusfs.builder.chunker import parse_size
+
         try:
             value = parse_size(text)
         except BuildError:

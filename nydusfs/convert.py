@@ -17,8 +17,9 @@ image's size:
 
 With ``--chunk-dict`` (a previous nydusfs image by reference, or a local bootstrap), chunks the
 dictionary already has are referenced, not stored: only the new blob holds new chunks, and the
-dictionary's blobs become layers of the new image too — mounted from the dictionary's
-repository or found present by HEAD, never uploaded again when the registry has them.
+dictionary's blobs become layers of the new image too — found present by HEAD or mounted
+from the dictionary's repository (same registry: no bytes move, the blobs are not even
+downloaded), and only fetched and uploaded when the registry can do neither.
 
 Errors: the OCI client's (``AuthError``, ``RegistryError``, ``NotFoundError``,
 ``UnavailableError``), ``FormatError`` for a source that is not an image (or already a nydusfs

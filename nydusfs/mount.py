@@ -1,9 +1,11 @@
 """Mount lifecycle: open the image, build the backend, serve FUSE; background daemons; umount.
 
 ``mount_foreground`` serves until the mountpoint is unmounted or the process gets SIGTERM or
-SIGINT, then unmounts cleanly. ``mount_background`` starts that same command as a detached
-daemon and returns only once the daemon says the mount is ready (through an inherited pipe),
-or reports the daemon's error if it failed — a caller never sees a half-ready mountpoint.
+SIGINT, then unmounts cleanly. ``mount_background`` forks a detached daemon (a new session,
+output to a log file) that runs the same ``mount_foreground``, and returns only once the
+daemon says the mount is ready (through a pipe), or reports the daemon's error if it failed —
+a caller never sees a half-ready mountpoint. A fork, not a new interpreter: a container start
+waits for the mount, and a second Python start-up with its imports was most of that wait.
 
 The image is a bootstrap file or, when the argument is not an existing path, an image
 reference (``registry/repository:tag``). For a reference, the manifest and the bootstrap layer
@@ -21,14 +23,16 @@ import asyncio
 import os
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
     from nydusfs.config import MountConfig, RegistryConfig
@@ -44,6 +48,9 @@ __all__ = ["RemoteOptions", "fetch_remote_bootstrap", "mount_background", "mount
            "resolve_image_arg", "unmount"]
 
 READY_TIMEOUT = 60.0
+# The prefetch list is what the container reads as it starts: fetched at once, not behind
+# its reads, in batches this small so chunks arrive in list order (fs/prefetch.py).
+LIST_BATCH_BYTES = 256 << 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,21 +65,6 @@ class RemoteOptions:
     auth_file: Path | None = None
     username: str | None = None
     password: str | None = None
-
-    def argv(self) -> list[str]:
-        """The flags reproducing these options (without the password)."""
-        out = ["--platform", self.platform]
-        if self.plain_http:
-            out.append("--plain-http")
-        if self.insecure_skip_verify:
-            out.append("--insecure-skip-verify")
-        if self.ca_file is not None:
-            out += ["--ca-file", str(self.ca_file)]
-        if self.auth_file is not None:
-            out += ["--auth-file", str(self.auth_file)]
-        if self.username is not None:
-            out += ["--username", self.username]
-        return out
 
     def apply(self, cfg: RegistryConfig, ref: Reference) -> RegistryConfig:
         """``cfg`` for ``ref``'s repository with these options laid over it."""
@@ -109,12 +101,15 @@ def resolve_image_arg(image: str | Path) -> Path | Reference:
 
 
 def fetch_remote_bootstrap(ref: Reference, registry: RegistryConfig, *, cache_dir: Path,
-                           timeout: float, attempts: int, platform: str) -> Path:
+                           timeout: float, attempts: int, platform: str,
+                           timeline: dict[str, float] | None = None) -> Path:
     """Fetch and check ``ref``'s bootstrap; return its path under ``cache_dir/bootstraps``.
 
     A bootstrap already there (named by the sha256 of its bytes) is re-hashed and reused, so
-    a second mount of the same image costs one manifest request.
+    a second mount of the same image costs one manifest request. ``timeline`` gets the times
+    the manifest and the bootstrap were in hand (``time.time()``).
     """
+    marks: dict[str, float] = timeline if timeline is not None else {}
     import asyncio
     import hashlib
 
@@ -130,6 +125,7 @@ def fetch_remote_bootstrap(ref: Reference, registry: RegistryConfig, *, cache_di
         async with RegistryClient(ref.registry, options) as client:
             manifest = await client.get_manifest(ref.repository, ref.reference,
                                                  platform=platform)
+            marks["manifest"] = time.time()
             image = parse_image(manifest, where)
             name = (image.bootstrap_digest or image.bootstrap.digest).split(":", 1)[1]
             path = store / name
@@ -137,12 +133,14 @@ def fetch_remote_bootstrap(ref: Reference, registry: RegistryConfig, *, cache_di
             if cached:
                 with Bootstrap.open(path) as boot:
                     check_bootstrap(image, boot, where)
+                marks["bootstrap"] = time.time()
                 return path
             layer = await client.get_blob(ref.repository, image.bootstrap.digest,
                                           max_size=max(image.bootstrap.size, 1))
         data = open_bootstrap_layer(image, layer, where)
         assert hashlib.sha256(data).hexdigest() == name
         await asyncio.to_thread(_write_atomic, path, data)
+        marks["bootstrap"] = time.time()
         return path
 
     return asyncio.run(run())
@@ -193,14 +191,20 @@ def mount_foreground(
     ready_fd: int | None = None,
     log_file: Path | None = None,
     remote: RemoteOptions | None = None,
+    *,
+    started: float | None = None,
 ) -> int:
-    from nydusfs.config import load_config
-    from nydusfs.format.reader import Bootstrap
-    from nydusfs.fs.fuse import serve
-    from nydusfs.fs.model import ImageFS
-    from nydusfs.metrics import FsMetrics
-    from nydusfs.storage import create_backend
+    """Mount ``image`` at ``mountpoint`` and serve it until unmounted (see the module doc).
 
+    ``ready_fd`` gets one byte, ``1``, once the mount is ready; ``log_file`` is removed at the
+    end if it stayed empty; ``started`` is when the command began (default: this process's
+    start), the origin of the status API's timeline.
+    """
+    from nydusfs.config import load_config
+
+    timeline: dict[str, float] = {
+        "process_start": started if started is not None else process_start_time(),
+        "mount_start": time.time()}
     config = load_config(config_path)
     if not mountpoint.is_dir():
         raise NydusfsError(f"{mountpoint}: mountpoint is not a directory")
@@ -213,8 +217,14 @@ def mount_foreground(
         bootstrap = fetch_remote_bootstrap(
             target, config.backend.registry, cache_dir=config.cache.dir,
             timeout=config.backend.timeout, attempts=config.backend.attempts,
-            platform=remote.platform)
+            platform=remote.platform, timeline=timeline)
         label = str(target)
+    from nydusfs.format.reader import Bootstrap
+    from nydusfs.fs.fuse import serve
+    from nydusfs.fs.model import ImageFS
+    from nydusfs.metrics import FsMetrics
+    from nydusfs.storage import create_backend
+
     boot = Bootstrap.open(bootstrap)
     backend = create_backend(config.backend, image_dir=bootstrap.resolve().parent)
     store = None
@@ -233,9 +243,10 @@ def mount_foreground(
                  merge_window=config.read.merge_window, store=store, observer=metrics,
                  readahead_chunks=config.read.readahead_chunks, access_trace=trace)
     services = _Services(fs, config, label if not isinstance(target, Path) else bootstrap,
-                         mountpoint, metrics, store)
+                         mountpoint, metrics, store, timeline)
 
     def ready() -> None:
+        timeline["ready"] = time.time()
         if ready_fd is not None:
             os.write(ready_fd, b"1")
             os.close(ready_fd)
@@ -261,9 +272,10 @@ class _Services:
     """What runs beside a mount on its event loop: prefetch, the status API, metrics."""
 
     def __init__(self, fs: ImageFS, config: MountConfig, bootstrap: Path | str,
-                 mountpoint: Path,
-                 metrics: FsMetrics, store: DiskChunkStore | None) -> None:
+                 mountpoint: Path, metrics: FsMetrics, store: DiskChunkStore | None,
+                 timeline: dict[str, float]) -> None:
         self.fs = fs
+        self.timeline = timeline
         self.config = config
         self.bootstrap = bootstrap
         self.mountpoint = mountpoint
@@ -285,6 +297,11 @@ class _Services:
             "backend_counters": {"reads": getattr(backend, "reads", None),
                                  "bytes_read": getattr(backend, "bytes_read", None)},
         }
+        timeline = dict(self.timeline)
+        if self.fs.first_read_at is not None and self.fs.last_read_at is not None:
+            timeline["first_read"] = self.fs.first_read_at
+            timeline["last_read"] = self.fs.last_read_at
+        out["timeline"] = timeline  # wall-clock times (seconds since the epoch)
         if self.prefetcher is not None:
             out["prefetch"] = self.prefetcher.snapshot()
         if self.store is not None:
@@ -306,7 +323,8 @@ class _Services:
         if self.fs.boot.header.count("prefetch") or cfg.prefetch.all:
             self.prefetcher = Prefetcher(self.fs, all=cfg.prefetch.all,
                                          bandwidth=cfg.prefetch.bandwidth,
-                                         concurrency=cfg.prefetch.concurrency)
+                                         concurrency=cfg.prefetch.concurrency,
+                                         list_batch_bytes=LIST_BATCH_BYTES, list_priority=True)
             prefetcher = self.prefetcher
             self.metrics.add_gauge_source(lambda: prefetch_gauges(prefetcher.snapshot()))
             tasks.append(asyncio.get_running_loop().create_task(prefetcher.run()))
@@ -337,55 +355,118 @@ class _Services:
 
 def mount_background(image: str | Path, mountpoint: Path, config_path: Path | None,
                      remote: RemoteOptions | None = None) -> int:
-    """Start a daemon serving the mount; return 0 once it is ready (its PID is printed)."""
-    r, w = os.pipe()
+    """Fork a daemon serving the mount; return 0 once it is ready (its PID is printed).
+
+    The child starts a new session, takes ``/dev/null`` as stdin and a log file as stdout and
+    stderr, and runs :func:`mount_foreground` with the write end of a pipe as its ready fd; an
+    error there ends the child with the message in the log, which this reads and raises. Only
+    this thread may run at the fork (the CLI has started no other and no event loop).
+    """
     log = tempfile.NamedTemporaryFile(  # noqa: SIM115 (handed to the child, kept on success)
         prefix="nydusfs-mount-", suffix=".log", delete=False)
-    cmd = [sys.executable, "-m", "nydusfs.cli", "mount", str(image), str(mountpoint),
-           "--ready-fd", str(w), "--log-file", log.name]
-    if config_path is not None:
-        cmd += ["--config", str(config_path)]
-    fds = [w]
-    if remote is not None:
-        cmd += remote.argv()
-        if remote.password is not None:
-            # Through a pipe the daemon reads once: never in its argv or environment.
-            pr, pw = os.pipe()
-            os.write(pw, remote.password.encode())  # far below the pipe's buffer
-            os.close(pw)
-            fds.append(pr)
-            cmd += ["--password-fd", str(pr)]
+    started = process_start_time()  # the command's start: what a caller waited for
+    r, w = os.pipe()
+    for stream in (sys.stdout, sys.stderr):  # None when the caller closed it
+        if stream is not None:
+            stream.flush()
+    pid = os.fork()
+    if pid == 0:  # the daemon: never returns
+        os.close(r)
+        _daemon(image, mountpoint, config_path, remote, w, log.fileno(), Path(log.name),
+                started)
+    os.close(w)
+    log.close()
     try:
-        child = subprocess.Popen(cmd, pass_fds=fds, stdin=subprocess.DEVNULL,
-                                 stdout=log, stderr=log, start_new_session=True)
-    finally:
-        for fd in fds:
-            os.close(fd)
-        log.close()
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                child.kill()
-                raise NydusfsError(f"mount daemon not ready after {READY_TIMEOUT:.0f} s")
-            readable, _, _ = select.select([r], [], [], min(left, 0.5))
-            if readable:
-                ok = os.read(r, 1) == b"1"
-                break
-            if child.poll() is not None:
-                ok = False
-                break
+        ok = _wait_ready(r, pid)
     finally:
         os.close(r)
     if not ok:
-        child.wait(timeout=10)
         detail = Path(log.name).read_text(errors="replace").strip().splitlines()
         os.unlink(log.name)
         last = detail[-1].removeprefix("nydusfs: error: ") if detail else ""
-        raise NydusfsError(last or f"mount daemon exited with status {child.returncode}")
-    print(f"mounted {image} at {mountpoint} (daemon pid {child.pid}, log {log.name})")
+        raise NydusfsError(last or "mount daemon exited before the mount was ready")
+    print(f"mounted {image} at {mountpoint} (daemon pid {pid}, log {log.name})")
     return 0
+
+
+def _wait_ready(r: int, pid: int) -> bool:
+    """Whether the daemon ``pid`` wrote its ready byte to ``r`` in time; a daemon that exits
+    first is reaped, one that is not ready within ``READY_TIMEOUT`` killed and reaped."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise NydusfsError(f"mount daemon not ready after {READY_TIMEOUT:.0f} s")
+        readable, _, _ = select.select([r], [], [], min(left, 0.5))
+        if readable:
+            if os.read(r, 1) == b"1":
+                return True
+            os.waitpid(pid, 0)  # EOF: the daemon closed the pipe without saying ready
+            return False
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return False
+
+
+def _daemon(image: str | Path, mountpoint: Path, config_path: Path | None,
+            remote: RemoteOptions | None, ready_fd: int, log_fd: int, log_file: Path,
+            started: float) -> NoReturn:
+    """The forked child: detach, serve the mount, exit (``os._exit``: the parent's
+    ``atexit`` handlers and buffers are the parent's)."""
+    status = 1
+    try:
+        os.setsid()
+        # A caller that closed its stdin or stdout gave the pipe or the log a number below 3:
+        # move them out of the way of the dup2s below.
+        ready_fd, log_fd = (_fd_above_2(fd) for fd in (ready_fd, log_fd))
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        if devnull != 0:  # 0 when the caller had closed its stdin
+            os.dup2(devnull, 0)
+            os.close(devnull)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        # Nothing else of the caller's (pipes it passed down, say) stays open in a daemon that
+        # outlives it: as a fresh process started with close_fds would have it.
+        os.closerange(3, ready_fd)
+        os.closerange(ready_fd + 1, os.sysconf("SC_OPEN_MAX"))
+        status = mount_foreground(image, mountpoint, config_path, ready_fd, log_file, remote,
+                                  started=started)
+    except NydusfsError as exc:
+        print(f"nydusfs: error: {exc}", file=sys.stderr)
+    except OSError as exc:
+        print(f"nydusfs: error: {exc}", file=sys.stderr)
+    except BaseException:  # a bug: its traceback in the log, never in the caller's terminal
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(status)
+
+
+def _fd_above_2(fd: int) -> int:
+    if fd > 2:
+        return fd
+    import fcntl
+
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD, 3)
+    os.close(fd)
+    return moved
+
+
+def process_start_time() -> float:
+    """When this process started, as ``time.time()`` would have said (about 10 ms
+    resolution: ``/proc/self/stat`` counts clock ticks since boot); now if unknown."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = int(fields[19])  # field 22, starttime; fields[0] is field 3
+        since_boot = time.clock_gettime(time.CLOCK_BOOTTIME)
+        return time.time() - (since_boot - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, IndexError, ValueError):
+        return time.time()
 
 
 def unmount(mountpoint: Path) -> None:

@@ -167,19 +167,20 @@ async def _push_layer(
     if source is not None:
         return await client.push_blob(repo, desc.digest, source, mount_from=mount_from,
                                       progress=progress)
-    # Not on disk: a chunk dictionary's blob. Present already, or fetched, then mounted from
-    # the dictionary's repository when the registry can (the client offers no mount-only
-    # call, so the bytes are fetched first even when the mount then succeeds).
+    # Not on disk: a chunk dictionary's blob. Present already, or mounted from the
+    # dictionary's repository (no bytes move), or else fetched and uploaded.
     if await client.blob_exists(repo, desc.digest):
         return False
+    for source_repo in mount_from:
+        if source_repo != repo and await client.mount_blob(repo, desc.digest, source_repo):
+            return False
     if fetch_missing is None:
         raise NotFoundError(f"blob {desc.digest} is referenced by the bootstrap but is neither "
                             f"on disk nor in {client.registry}/{repo}")
     with tempfile.TemporaryDirectory(prefix=".nydusfs-blob-", dir=work_dir) as tmp:
         dest = Path(tmp) / desc.digest.split(":", 1)[1]
         await fetch_missing(desc.digest, dest)
-        return await client.push_blob(repo, desc.digest, dest, mount_from=mount_from,
-                                      progress=progress)
+        return await client.push_blob(repo, desc.digest, dest, progress=progress)
 
 
 def push_local(out: Path, ref: Reference, options: ClientOptions, *,

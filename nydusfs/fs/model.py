@@ -144,6 +144,8 @@ class ImageFS:
     (the prefetcher) waits while any on-demand read is in progress.
     """
 
+    MAX_DEPTH = 4096  # steps up the parent links when tracing (a path has at most 2048)
+
     def __init__(
         self,
         boot: Bootstrap,
@@ -174,11 +176,18 @@ class ImageFS:
         self._last_end: dict[int, int] = {}  # ino -> end of the last read (sequential?)
         self._tasks: set[asyncio.Task[None]] = set()
         # Access trace: the path of each file the first time it is read, in order; the file
-        # is a valid `nydusfs build --prefetch` list. Paths come from lookups (the kernel
-        # looks a name up before opening it).
+        # is a valid `nydusfs build --prefetch` list. Paths come from the image itself (each
+        # inode records its parent directory), not from the lookups the kernel sends: a
+        # listing with attributes (READDIRPLUS) gives the kernel dentries without a LOOKUP,
+        # so a file whose directory was listed first is opened without one.
         self._trace = access_trace
-        self._paths: dict[int, bytes] = {1: b"/"}
+        self._paths: dict[int, bytes] = {1: b"/"}  # directories' paths, as resolved
+        self._names: dict[int, dict[int, bytes]] = {}  # directory -> {child ino: name}
         self._traced: set[int] = set()
+        # Wall-clock times (time.time()): the first read asked for, the latest one answered;
+        # when a starting container began and stopped reading (the status API's timeline).
+        self.first_read_at: float | None = None
+        self.last_read_at: float | None = None
 
     # ---- metadata ---------------------------------------------------------------------
 
@@ -206,10 +215,6 @@ class ImageFS:
             raise FsError(errno.EIO, str(exc)) from exc
         if entry is None:
             raise FsError(errno.ENOENT)
-        if self._trace is not None and entry.ino not in self._paths:
-            base = self._paths.get(parent)
-            if base is not None:
-                self._paths[entry.ino] = (base if base == b"/" else base + b"/") + name
         return Attr.of(self._inode(entry.ino))
 
     def readdir(self, ino: int, start: int = 0) -> Iterator[tuple[bytes, Attr, int]]:
@@ -294,6 +299,8 @@ class ImageFS:
         if offset < 0 or size < 0:
             raise FsError(errno.EINVAL)
         self.stats.reads += 1
+        if self.first_read_at is None:
+            self.first_read_at = time.time()
         if self._trace is not None and ino not in self._traced:
             self._record_access(ino)
         t0 = time.monotonic()
@@ -319,6 +326,7 @@ class ImageFS:
         self.stats.bytes_read += len(out)
         if self.observer is not None:
             self.observer.read_done(time.monotonic() - t0, len(out), True)
+        self.last_read_at = time.time()
         sequential = self._last_end.get(ino) == offset
         self._last_end[ino] = end
         if sequential and self._readahead and end < node.size:
@@ -327,13 +335,50 @@ class ImageFS:
 
     def _record_access(self, ino: int) -> None:
         self._traced.add(ino)
-        path = self._paths.get(ino)
+        path = self._path_of(ino)
         if path is None or b"\n" in path or self._trace is None:
-            return  # not reached by a lookup we saw, or not representable in a line list
+            return  # not representable in a line list (or the image is inconsistent)
         try:
             self._trace.write(path + b"\n")  # buffered: a few bytes, no syscall per line
         except OSError:
             self._trace = None  # tracing is best effort; never fail a read for it
+
+    def _path_of(self, ino: int) -> bytes | None:
+        """``ino``'s path from the root, by its parent links (a hard link: its first name).
+
+        Once per traced file: each directory on the way is listed once (its names by inode
+        kept in ``_names``) and its path kept in ``_paths``. None if the links do not lead to
+        the root within ``MAX_DEPTH`` steps (a malformed image).
+        """
+        chain: list[tuple[int, bytes]] = []  # (inode, its name), from ``ino`` upwards
+        child = ino
+        base = self._paths.get(child)
+        while base is None:
+            if len(chain) >= self.MAX_DEPTH:
+                return None
+            try:
+                parent = self.boot.inode(child).parent
+                by_ino = self._names.get(parent)
+                if by_ino is None:
+                    listing = self.boot.listdir(parent)
+                    by_ino = {}
+                    for child_ino, name in zip(listing.inos, listing.names, strict=True):
+                        by_ino.setdefault(child_ino, name)
+                    self._names[parent] = by_ino
+            except FormatError:
+                return None
+            found = by_ino.get(child)
+            if found is None:
+                return None
+            chain.append((child, found))
+            child = parent
+            base = self._paths.get(child)
+        path = base
+        for child, name in reversed(chain):
+            path = (path if path == b"/" else path + b"/") + name
+            if child != ino:  # a directory on the way: remember it
+                self._paths[child] = path
+        return path
 
     def flush_trace(self) -> None:
         if self._trace is not None:

@@ -15,6 +15,13 @@ Chunks are grouped into batches of about ``batch_bytes`` compressed bytes, so ne
 become one ranged read; up to ``concurrency`` batches are in flight. A token bucket over
 compressed bytes holds the rate to ``bandwidth`` bytes/s.
 
+The list is what a starting container is about to read, so the mount fetches it differently
+(``list_priority``, ``list_batch_bytes``): at the priority of readahead rather than in the
+background — a starting program reads almost all the time, and background work that waits
+for its reads to end would wait for the whole start — and in small batches, so chunks arrive
+in list order at the link's rate and a reader waiting for one of them waits for a small
+batch, not for megabytes that happen to share its request.
+
 What prefetch must never do: crash or stall the mount, or retry without end. A batch that fails
 (``FsError``) is counted in ``failed_chunks`` and skipped — a later on-demand read of those
 chunks tries again and reports the error to its reader. ``run()`` lets no exception out except
@@ -106,20 +113,29 @@ class Prefetcher:
         bandwidth: int,
         concurrency: int,
         batch_bytes: int = 4 * MiB,
+        list_batch_bytes: int | None = None,
+        list_priority: bool = False,
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
+        """``list_batch_bytes``: batch size of the list phase (default ``batch_bytes``);
+        ``list_priority``: fetch the list without waiting for on-demand reads (see the module
+        docstring); the ``all`` phase always waits."""
         if bandwidth < 0:
             raise ValueError(f"prefetch.bandwidth: must be >= 0, got {bandwidth}")
         if concurrency < 1:
             raise ValueError(f"prefetch.concurrency: must be >= 1, got {concurrency}")
         if batch_bytes < 1:
             raise ValueError(f"batch_bytes: must be >= 1, got {batch_bytes}")
+        if list_batch_bytes is not None and list_batch_bytes < 1:
+            raise ValueError(f"list_batch_bytes: must be >= 1, got {list_batch_bytes}")
         self.fs = fs
         self.all = all
         self.bandwidth = bandwidth
         self.concurrency = concurrency
         self.batch_bytes = batch_bytes
+        self.list_batch_bytes = batch_bytes if list_batch_bytes is None else list_batch_bytes
+        self.list_priority = list_priority
         self._clock = clock
         # Credit for one second or one batch, whichever is larger: never less than a batch.
         self._bucket = TokenBucket(bandwidth, burst=max(bandwidth, batch_bytes),
@@ -194,21 +210,24 @@ class Prefetcher:
         self.total_bytes = sum(r.uncompressed_size for r in listed) + \
             sum(r.uncompressed_size for r in rest)
         self.state = "list"
-        await self._phase(listed)
+        await self._phase(listed, self.list_batch_bytes, priority=self.list_priority)
         if self.all:
             self.state = "all"
-            await self._phase(rest)
+            await self._phase(rest, self.batch_bytes, priority=False)
         self.state = "failed" if self.failed_chunks else "done"
 
     # ---- work ----------------------------------------------------------------------------
 
-    def _batches(self, records: Sequence[ChunkRecord]) -> list[list[ChunkRecord]]:
-        """Consecutive chunks, about ``batch_bytes`` compressed each (one chunk at least)."""
+    def _batches(self, records: Sequence[ChunkRecord],
+                 batch_bytes: int | None = None) -> list[list[ChunkRecord]]:
+        """Consecutive chunks, about ``batch_bytes`` (default ``self.batch_bytes``) compressed
+        each (one chunk at least)."""
+        limit = self.batch_bytes if batch_bytes is None else batch_bytes
         out: list[list[ChunkRecord]] = []
         batch: list[ChunkRecord] = []
         size = 0
         for rec in records:
-            if batch and size + rec.compressed_size > self.batch_bytes:
+            if batch and size + rec.compressed_size > limit:
                 out.append(batch)
                 batch, size = [], 0
             batch.append(rec)
@@ -217,8 +236,9 @@ class Prefetcher:
             out.append(batch)
         return out
 
-    async def _phase(self, records: Sequence[ChunkRecord]) -> None:
-        queue = self._batches(records)
+    async def _phase(self, records: Sequence[ChunkRecord], batch_bytes: int, *,
+                     priority: bool) -> None:
+        queue = self._batches(records, batch_bytes)
         queue.reverse()  # pop() from the end takes them in order
 
         async def worker() -> None:
@@ -226,7 +246,10 @@ class Prefetcher:
                 batch = queue.pop()
                 await self._bucket.acquire(sum(r.compressed_size for r in batch))
                 try:
-                    await self.fs.chunks(batch, background=True)
+                    if priority:
+                        await self.fs.chunks(batch, priority=True)
+                    else:
+                        await self.fs.chunks(batch, background=True)
                 except FsError as exc:
                     self.failed_chunks += len(batch)
                     log.warning("prefetch: %d chunks not fetched: %s", len(batch), exc)

@@ -847,23 +847,11 @@ class RegistryClient:
         if await self.blob_exists(repo, digest):
             self.blobs_skipped += 1
             return False
+        for source_repo in mount_from:
+            if source_repo != repo and await self.mount_blob(repo, digest, source_repo):
+                return False
         location: str | None = None
         uploads = f"{self.base}/v2/{repo}/blobs/uploads/"
-        for source_repo in mount_from:
-            if source_repo == repo:
-                continue
-            self._repo(source_repo)
-            status, headers, _ = await self._fetch(
-                "POST", uploads + "?" + urlencode({"mount": digest, "from": source_repo}),
-                scopes=(*self._push(repo), *self._pull(source_repo)), what=what,
-                limit=MAX_ERROR_BODY, headers={"Content-Length": "0"}, ok=(201, 202))
-            if status == 201:
-                await self._cancel_upload(repo, location, what)
-                self.blobs_mounted += 1
-                return False
-            # not mounted: distribution started an upload session instead; keep the last one
-            await self._cancel_upload(repo, location, what)
-            location = self._location(headers, what)
 
         async def upload() -> None:
             nonlocal location
@@ -880,6 +868,35 @@ class RegistryClient:
         await self._retrying(what, upload)
         self.blobs_uploaded += 1
         return True
+
+    async def mount_blob(self, repository: str, digest: str, from_repository: str) -> bool:
+        """Ask the registry to mount blob ``digest`` of ``from_repository`` into ``repository``
+        (``POST /v2/<repository>/blobs/uploads/?mount=<digest>&from=<from_repository>``, same
+        registry); no bytes are sent.
+
+        True when the registry answered 201 (the blob is now in ``repository``). False when it
+        started an upload session instead (202: it does not have the blob there, or does not
+        mount across repositories); that session is cancelled. The token asked for covers
+        push on ``repository`` and pull on ``from_repository``. Other answers raise as every
+        request does (``AuthError``, ``RegistryError``, ``UnavailableError`` after retries).
+        """
+        repo, source = self._repo(repository), self._repo(from_repository)
+        digest = self._digest(digest)
+        what = f"{self.registry}/{repo}: mount {digest} from {source}"
+        url = (f"{self.base}/v2/{repo}/blobs/uploads/?"
+               + urlencode({"mount": digest, "from": source}))
+        status, headers, _ = await self._fetch(
+            "POST", url, scopes=(*self._push(repo), *self._pull(source)), what=what,
+            limit=MAX_ERROR_BODY, headers={"Content-Length": "0"}, ok=(201, 202))
+        if status == 201:
+            self.blobs_mounted += 1
+            return True
+        # 202: an upload session we will not use (a session without Location is left to expire)
+        location = headers.get("Location")
+        if location:
+            with contextlib.suppress(RegistryError):  # on another host: not ours to cancel
+                await self._cancel_upload(repo, self._location(headers, what), what)
+        return False
 
     async def _cancel_upload(self, repo: str, location: str | None, what: str) -> None:
         """Best effort: end an upload session we will not use (it would expire anyway)."""

@@ -237,6 +237,32 @@ def test_mount_from_the_right_repository(registry: RegistryServer) -> None:
     run(go())
 
 
+def test_mount_blob_alone_moves_no_bytes(registry: RegistryServer) -> None:
+    """``mount_blob``: True on 201; False when the registry opens an upload instead (that
+    session is cancelled); never reads or sends the blob's bytes."""
+    src, dst, empty = repo("src"), repo("dst"), repo("empty")
+    data = blob(300_000, 11)
+
+    async def go() -> None:
+        async with RegistryClient(registry.host) as c:
+            assert await c.push_blob(src, sha(data), data)
+        before = len(registry.access_log())
+        async with RegistryClient(registry.host) as c:
+            assert not await c.mount_blob(dst, sha(data), empty)  # not there: no mount
+            assert not await c.blob_exists(dst, sha(data))
+            assert await c.mount_blob(dst, sha(data), src)
+            assert (c.blobs_mounted, c.bytes_uploaded, c.bytes_downloaded) == (1, 0, 0)
+            assert await c.read_blob_range(dst, sha(data), 1000, 10) == data[1000:1010]
+        log = registry.access_log()[before:]
+        posts = [e for e in log if e.method == "POST"]
+        assert [e.status for e in posts] == [202, 201]
+        assert f"from={empty}" in posts[0].path and f"from={src}" in posts[1].path
+        assert [e.status for e in log if e.method == "DELETE"] == [204]  # the 202's session
+        assert not [e for e in log if e.method in ("PATCH", "PUT")]
+        assert not [e for e in log if e.method == "GET" and e.size > 100]  # only the range
+    run(go())
+
+
 def test_chunked_upload_from_disk(registry: RegistryServer, tmp_path: Path) -> None:
     data = blob(5 * (1 << 20) + 12345, 9)
     path = tmp_path / "big"

@@ -227,6 +227,9 @@ def test_chunk_dict_uploads_only_new_chunks(converted: Converted, registry: Regi
     log = registry.access_log()[since:]
     assert any(e.method == "POST" and f"mount={v1_blob['digest']}" in e.path
                and e.status == 201 for e in log), [e.path for e in log]
+    # Mounted, so never downloaded first: no GET of the dictionary's blob at all.
+    assert not [e for e in log if e.method == "GET" and v1_blob["digest"] in e.path], \
+        [e.path for e in log]
     assert s2["bytes_uploaded"] < new_blob["size"] + 64 * KiB
     assert nydusfs("check", f"{registry.host}/conv/other:v2", "--blobs").returncode == 0
 
