@@ -365,7 +365,10 @@ def test_on_demand_reads_during_prefetch_go_first(image: Path) -> None:
         await bg
 
     asyncio.run(main())
-    assert done[-1] == "prefetch"
+    # Which finishes last depends on scheduling (the prefetch may use the gaps between one
+    # reader's reads to finish first); what must hold is that it never sent a request while an
+    # on-demand read was in progress.
+    assert sorted(done) == ["a/f3", "a/f5", "prefetch"]
     assert p.state == "done"
     background = [s for s in rig.backend.seen if s.role == "bg"]
     assert background and all(s.foreground == 0 for s in background)
