@@ -37,6 +37,7 @@ __all__ = [
     "GaugeSource",
     "MetricsServer",
     "cache_gauges",
+    "dragonfly_gauges",
     "prefetch_gauges",
     "start_metrics_server",
 ]
@@ -82,6 +83,20 @@ _SCRAPE_FAMILIES: tuple[_ScrapeFamily, ...] = (
     ),
     _ScrapeFamily(
         "nydusfs_cache_written_bytes_total", "Bytes written into the local cache", counter=True
+    ),
+    # backend: dragonfly — where the chunks came from, and how often the agent let us down.
+    _ScrapeFamily(
+        "nydusfs_dragonfly_chunks_total",
+        "Chunks read with backend dragonfly (origin: agent|source; source = fallback)",
+        "origin", counter=True,
+    ),
+    _ScrapeFamily(
+        "nydusfs_dragonfly_fallbacks_total",
+        "Batches sent to the image's own source because the agent could not answer",
+        counter=True,
+    ),
+    _ScrapeFamily(
+        "nydusfs_dragonfly_agent_errors_total", "Failed calls to the local agent", counter=True
     ),
 )
 _SCRAPE_BY_NAME = {f.name: f for f in _SCRAPE_FAMILIES}
@@ -283,6 +298,22 @@ def cache_gauges(stats: Mapping[str, int], quota: int | None = None) -> dict[str
     out = {name: float(stats[key]) for key, name in _CACHE_KEYS.items() if key in stats}
     if quota is not None:
         out["nydusfs_cache_quota_bytes"] = float(quota)
+    return out
+
+
+def dragonfly_gauges(stats: Mapping[str, object]) -> dict[str, float]:
+    """Convert the dragonfly backend's ``stats()`` into source keys: a dead or slow agent shows
+    up as fallbacks to the source, which a dashboard should make visible (reads still work)."""
+    out: dict[str, float] = {}
+    for key, name in (
+        ("agent_chunks", "nydusfs_dragonfly_chunks_total{origin=agent}"),
+        ("fallback_chunks", "nydusfs_dragonfly_chunks_total{origin=source}"),
+        ("fallbacks", "nydusfs_dragonfly_fallbacks_total"),
+        ("agent_errors", "nydusfs_dragonfly_agent_errors_total"),
+    ):
+        value = stats.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out[name] = float(value)
     return out
 
 

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from nydusfs.metrics import FsMetrics
     from nydusfs.oci.reference import Reference
     from nydusfs.storage.cache import DiskChunkStore
+    from nydusfs.storage.dragonfly import DragonflyBackend
 
 from nydusfs.errors import NydusfsError
 
@@ -306,17 +307,31 @@ class _Services:
             out["prefetch"] = self.prefetcher.snapshot()
         if self.store is not None:
             out["cache"] = self.store.stats()
-        inner = backend
+        agent = self._dragonfly()
+        if agent is not None:
+            out["dragonfly"] = agent.stats()  # agent chunks, fallbacks to the source
+        return out
+
+    def _dragonfly(self) -> DragonflyBackend | None:
+        """The dragonfly backend under the wrapper stack, if that is this mount's backend."""
+        if self.config.backend.type != "dragonfly":  # do not import aiohttp for nothing
+            return None
+        from nydusfs.storage.dragonfly import DragonflyBackend
+
+        inner: object = self.fs.backend
         while hasattr(inner, "inner"):  # through the wrapper stack to the backend itself
             inner = inner.inner
-        if self.config.backend.type == "dragonfly" and hasattr(inner, "stats"):
-            out["dragonfly"] = inner.stats()  # agent chunks, fallbacks to the source
-        return out
+        return inner if isinstance(inner, DragonflyBackend) else None
 
     async def start(self) -> Callable[[], Awaitable[None]]:
         from nydusfs.fs.api import api_socket_path, start_api
         from nydusfs.fs.prefetch import Prefetcher
-        from nydusfs.metrics import cache_gauges, prefetch_gauges, start_metrics_server
+        from nydusfs.metrics import (
+            cache_gauges,
+            dragonfly_gauges,
+            prefetch_gauges,
+            start_metrics_server,
+        )
 
         cfg = self.config
         tasks: list[asyncio.Task[None]] = []
@@ -331,6 +346,9 @@ class _Services:
         if self.store is not None:
             store, quota = self.store, cfg.cache.quota
             self.metrics.add_gauge_source(lambda: cache_gauges(store.stats(), quota))
+        agent = self._dragonfly()
+        if agent is not None:
+            self.metrics.add_gauge_source(lambda: dragonfly_gauges(agent.stats()))
         server = None
         if cfg.metrics is not None:
             server = await asyncio.to_thread(start_metrics_server, self.metrics,

@@ -21,6 +21,7 @@ from nydusfs.metrics import (
     METRIC_NAMES,
     FsMetrics,
     cache_gauges,
+    dragonfly_gauges,
     prefetch_gauges,
     start_metrics_server,
 )
@@ -163,6 +164,8 @@ def test_every_metric_name_appears_and_all_are_nydusfs() -> None:
             **cache_gauges(
                 {"bytes": 1, "chunks": 3, "evictions": 4, "errors": 0, "bytes_stored": 5}, 2
             ),
+            **dragonfly_gauges({"agent_chunks": 7, "fallback_chunks": 2, "fallbacks": 1,
+                                "agent_errors": 1, "socket": "/run/x.sock"}),
         }
     )
     text = generate_latest(m.registry).decode()
@@ -328,3 +331,15 @@ def test_format_status() -> None:
         "prefetch: done, 0/0 chunks (100.0%)"
     )
     assert "0/0 chunks (0.0%)" in format_status({"prefetch": {"state": "idle"}})
+
+
+def test_dragonfly_gauges_name_origins() -> None:
+    m = FsMetrics(backends=["dragonfly"])
+    m.add_gauge_source(lambda: dragonfly_gauges({"agent_chunks": 7, "fallback_chunks": 2,
+                                                 "fallbacks": 1, "agent_errors": 3,
+                                                 "deliver": "path"}))
+    s = scrape(m)
+    assert s[("nydusfs_dragonfly_chunks_total", (("origin", "agent"),))] == 7
+    assert s[("nydusfs_dragonfly_chunks_total", (("origin", "source"),))] == 2
+    assert s[("nydusfs_dragonfly_fallbacks_total", ())] == 1
+    assert s[("nydusfs_dragonfly_agent_errors_total", ())] == 3
