@@ -46,6 +46,7 @@ __all__ = [
     "S3Config",
     "load_config",
     "parse_config",
+    "read_yaml",
 ]
 
 KiB = 1 << 10
@@ -207,15 +208,23 @@ def load_config(path: Path | str | None) -> MountConfig:
     if path is None:
         return MountConfig()
     path = Path(path)
+    return parse_config(read_yaml(path), base_dir=path.parent)
+
+
+def read_yaml(path: Path) -> object:
+    """A config file's parsed YAML; unreadable or invalid files are a ``ConfigError`` naming it.
+
+    Shared by every config loader (nydusfs mounts, the dfagent supernode and peer), so all
+    report a bad file the same way.
+    """
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read config: {exc}") from exc
     try:
-        raw = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
-    return parse_config(raw, base_dir=path.parent)
 
 
 def parse_config(raw: object, *, base_dir: Path) -> MountConfig:
