@@ -547,6 +547,7 @@ def sample(cluster: LabCluster, method: str, ref: str, timeout: float) -> dict[s
         "fetched_bytes": {n: (s.get("backend_counters") or {}).get("bytes_read")
                           for n, s in statuses.items()},
         "prefetch": {n: s.get("prefetch") for n, s in statuses.items()},
+        "dragonfly": {n: s.get("dragonfly") for n, s in statuses.items() if s.get("dragonfly")},
         "peer_metrics": metrics,
     }
 
@@ -605,6 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     samples: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+    discarded: list[dict[str, Any]] = []  # samples that failed and were taken again
     lab = NetLab(["reg", "sn", *nodes], rate=args.rate)
     cluster = LabCluster(lab, work)
     t_start = time.monotonic()
@@ -620,7 +622,17 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(args.runs):
             order = methods if rnd % 2 == 0 else methods[::-1]
             for method in order:
-                s = sample(cluster, method, prep["ref"], timeout)
+                for attempt in range(2):  # a sample that failed is taken again, once
+                    try:
+                        s = sample(cluster, method, prep["ref"], timeout)
+                        break
+                    except BenchError as exc:
+                        if attempt:
+                            raise
+                        discarded.append({"method": method, "round": rnd + 1,
+                                          "error": str(exc)})
+                        print(f"round {rnd + 1}/{args.runs} {method:8} failed ({exc}); "
+                              "taking it again", file=sys.stderr)
                 samples[method].append(s)
                 print(f"round {rnd + 1}/{args.runs} {method:8} {s['seconds']:7.1f} s "
                       f"(x{s['seconds'] / lb:.2f} bound); registry served "
@@ -656,6 +668,7 @@ def main(argv: list[str] | None = None) -> int:
         "bounds": {"source": size / u, "swarm": args.nodes * size / (u + args.nodes * u),
                    "registry_only": args.nodes * size / u},
         "methods": methods,
+        "discarded": discarded,
         "samples": samples,
         "medians": medians,
         "wall_s": time.monotonic() - t_start,

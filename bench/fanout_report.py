@@ -93,6 +93,9 @@ def fanout_section(r: dict[str, Any] | None, number: int) -> list[str]:
         out += ["", f"P2P finishes {reg['seconds'] / p2p_m['seconds']:.1f}x sooner and takes "
                     f"{reg['served_ratio'] / p2p_m['served_ratio']:.1f}x less from the registry "
                     "than the same nodes pulling straight from it."]
+    for d in r.get("discarded") or []:
+        out += ["", f"A {_LABELS.get(d['method'], d['method'])} sample of round {d['round']} "
+                    f"failed and was taken again (not counted): {d['error'][:200]}"]
     p2p = r["samples"].get("p2p") or []
     if p2p:
         from_peers = median([_origin_bytes(s, "peer") for s in p2p])
@@ -108,13 +111,14 @@ def fanout_section(r: dict[str, Any] | None, number: int) -> list[str]:
             f"({100 * from_peers / max(from_peers + source, 1):.0f}%); the registry served "
             f"{fallback / MB:.0f} MB more than the agents fetched from it — what the mounts "
             "read from it themselves when their agent did not answer a batch within "
-            "`dragonfly.timeout`; "
+            "`dragonfly.timeout` or did not answer a health check; "
             f"first node done after {first:.1f} s. *machine CPU* is the CPU time of the whole "
             f"machine during the sample (2 cores: at most 2 CPU-s per second) — every mount "
             "and every peer is a Python process, so with many nodes on one small machine CPU, "
             "not the links, can be what limits completion.",
         ]
         s = sorted(p2p, key=lambda x: x["seconds"])[len(p2p) // 2]  # the median sample
+        out += _why_source(s)
         out += ["", f"Per node, the median P2P sample ({s['seconds']:.1f} s): bytes by origin "
                     "and uploads from its agent's metrics; *busy* = upload requests it refused "
                     "with 429 (`upload.max_concurrent` reached).", "",
@@ -130,6 +134,32 @@ def fanout_section(r: dict[str, Any] | None, number: int) -> list[str]:
             out.append(f"| {node} | {s['node_seconds'][node]:.1f} s | {src:.0f} MB | "
                        f"{peer:.0f} MB | {up:.0f} MB | {busy:.0f} |")
     return [*out, ""]
+
+
+_REASONS = {"waited": "waiting on peers ran out", "refused": "no lease in time (the node's lease "
+            "budget stayed full)", "direct": "no supernode answer", "failed": "every peer asked "
+            "failed"}
+
+
+def _why_source(s: dict[str, Any]) -> list[str]:
+    """Why the median sample's agents went to the registry (``dfagent_peer_source_fetches_total``)
+    and how often its mounts did (their ``dragonfly`` counters): each chunk the supernode did
+    not lease is a chunk the registry may serve twice."""
+    def total(reason: str) -> float:
+        return float(sum(m.get(f'dfagent_peer_source_fetches_total{{reason="{reason}"}}', 0.0)
+                         for m in s["peer_metrics"].values()))
+
+    if not any('dfagent_peer_source_fetches_total{reason="leased"}' in m
+               for m in s["peer_metrics"].values()):
+        return []  # samples from before the metric
+    others = [f"{total(k):.0f} because {why}" for k, why in _REASONS.items() if total(k)]
+    df = s.get("dragonfly") or {}
+    batches = sum(int(d.get("fallbacks", 0)) for d in df.values())
+    chunks = sum(int(d.get("fallback_chunks", 0)) for d in df.values())
+    return ["", f"In the median sample, the agents fetched {total('leased'):.0f} chunks from "
+                "the registry under a source lease (the supernode chose them to)"
+            + (f" and {', '.join(others)}" if others else " and no other")
+            + f"; the mounts read {chunks} chunks ({batches} batches) from it themselves."]
 
 
 def upload_section(r: dict[str, Any] | None, number: int) -> list[str]:

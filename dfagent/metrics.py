@@ -75,7 +75,7 @@ class SupernodeMetrics:
         self.leases = Counter("dfagent_supernode_leases_total",
                               "Digests nobody held in lease lookups, by result: granted (the "
                               "requester fetches it from the source), fetching (pointed at "
-                              "the peer that does), refused (at its limit of leases)",
+                              "the peer that does), refused (at its limit of leases or bytes)",
                               ["result"], registry=r)
         for result in ("granted", "fetching", "refused"):
             self.leases.labels(result)
@@ -134,6 +134,7 @@ FETCH_BUCKETS = (
 )  # fmt: skip
 
 ORIGINS = ("local", "peer", "source")
+SOURCE_REASONS = ("leased", "direct", "waited", "refused", "failed")
 
 PEER_METRIC_NAMES: tuple[str, ...] = (
     "dfagent_peer_chunks_total",
@@ -153,6 +154,7 @@ PEER_METRIC_NAMES: tuple[str, ...] = (
     "dfagent_peer_verification_failures_total",
     "dfagent_peer_busy_answers_total",
     "dfagent_peer_bad_peer_reports_total",
+    "dfagent_peer_source_fetches_total",
     "dfagent_peer_supernode_connected",
     "dfagent_peer_registrations_total",
 )
@@ -211,6 +213,13 @@ class PeerMetrics:
         self.bad_peer_reports = Counter("dfagent_peer_bad_peer_reports_total",
                                         "Peers reported to the supernode, by reason",
                                         ["reason"], registry=r)
+        self.source_fetches = Counter(
+            "dfagent_peer_source_fetches_total",
+            "Chunks this node went to the source for, by why: leased (the supernode leased "
+            "it to this node), direct (no supernode answer), waited (waiting on other "
+            "peers' fetches ran out), refused (waiting for a lease ran out: this node's lease "
+            "budget stayed full), failed (every peer asked failed)", ["reason"],
+            registry=r)
         self.supernode_connected = Gauge("dfagent_peer_supernode_connected",
                                          "1 while registered with a supernode, else 0",
                                          registry=r)
@@ -225,6 +234,8 @@ class PeerMetrics:
             self.verification_failures.labels(origin)
         for reason in ("busy", "unauthorized"):
             self.upload_rejections.labels(reason)
+        for reason in SOURCE_REASONS:
+            self.source_fetches.labels(reason)
 
         self.delivered_by: dict[str, int] = dict.fromkeys(ORIGINS, 0)  # also for stats()
 

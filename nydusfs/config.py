@@ -120,7 +120,7 @@ class DragonflyConfig:
 
     socket: Path = DEFAULT_DRAGONFLY_SOCKET
     fallback: str | None = None  # registry | s3 | localfs
-    timeout: float = 10.0  # seconds the agent may take for one batch before nydusfs falls back
+    timeout: float = 20.0  # seconds a live agent may take for one batch before nydusfs falls back
     retry_after: float = 5.0  # seconds an unreachable agent is left alone before a new try
 
 

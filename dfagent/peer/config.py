@@ -20,7 +20,7 @@ Example (every key optional; with no ``supernodes`` the agent is a caching proxy
     zone: rack-3
     token_file: /etc/dfagent/token      # or token: "...": cluster token (peers + supernode)
     metrics: 127.0.0.1:9102
-    fetch: {lookup_timeout: 500ms, peer_timeout: 10s, hedge_after: 2s, k: 4, batch: 16,
+    fetch: {lookup_timeout: 2s, peer_timeout: 10s, hedge_after: 2s, k: 4, batch: 16,
             lease_wait: 4s}
     source:
       timeout: 30s
@@ -78,13 +78,13 @@ class UploadConfig:
 
 @dataclass(frozen=True, slots=True)
 class FetchConfig:
-    lookup_timeout: float = 0.5  # seconds for a supernode lookup; then go to the source
+    lookup_timeout: float = 2.0  # seconds for a supernode lookup; then go to the source
     peer_timeout: float = 10.0  # seconds for one batch from one peer
     hedge_after: float = 2.0  # seconds before a slow peer's chunks are also asked elsewhere
     k: int = 4  # peers asked for per chunk (ranked by the supernode)
     batch: int = 16  # chunks per request to one peer
     concurrency: int = 8  # batches in flight (peers and source together)
-    lease_wait: float = 4.0  # seconds a chunk may wait on other peers' source fetches
+    lease_wait: float = 4.0  # seconds a fetch waits on peers with nothing arriving (x3 in all)
 
 
 @dataclass(frozen=True, slots=True)

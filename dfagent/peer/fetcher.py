@@ -22,7 +22,12 @@
    candidates, and whichever copy arrives first is used. Chunks a peer could not give *yet*
    (busy, or still on their way to it) and chunks refused a lease are looked up again (a
    pause of at most ``RETRY_PAUSE`` when a round brought nothing) until ``fetch.lease_wait``
-   has passed since the fetch began; chunks every candidate failed go to the source.
+   has passed with nothing moving — no chunk arrived, no source fetch of this node ended (or
+   is running, for chunks refused a lease), no live peer fetching one of them under its
+   lease — (or ``LEASE_WAITS`` times that in all); chunks every candidate failed go to the
+   source. A request to one peer holds at most ``fetch.batch`` chunks and about
+   ``PEER_BATCH_BYTES`` of them, so it ends in a predictable time on a shared link whatever
+   the chunk sizes.
 5. **Source**: what no peer delivered is read from its source location (nydusfs storage
    backends, the node's credentials; neighbouring ranges of a blob are merged by the backend),
    verified, stored.
@@ -40,7 +45,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -65,6 +70,8 @@ BAD_PEER_PAUSE = 30.0  # seconds this node skips a peer that sent bad data or ti
 BUSY_PAUSE = 0.5  # seconds a peer that answered 429 is asked only if no other candidate is free
 RETRY_PAUSE = 0.25  # seconds before asking the supernode again when a round brought nothing
 MAX_ROUNDS = 1000  # bound on lookup rounds per fetch (``fetch.lease_wait`` bounds the time)
+LEASE_WAITS = 3  # a fetch waits on others at most this many ``fetch.lease_wait`` in all
+PEER_BATCH_BYTES = 2 << 20  # source bytes of the chunks asked of one peer in one request
 INLINE_VERIFY = 64 * 1024  # chunks up to this size are verified on the event loop
 
 
@@ -98,7 +105,8 @@ class Tracker(Protocol):
     @property
     def connected(self) -> bool: ...
 
-    async def lookup(self, digests: list[str]) -> LookupResult | None: ...
+    async def lookup(self, digests: list[str], sizes: Mapping[str, int] | None = None
+                     ) -> LookupResult | None: ...
 
     def announce(self, digests: Iterable[str]) -> None: ...
 
@@ -129,6 +137,7 @@ class Fetcher:
         self._asking: dict[str, int] = {}  # chunks this node is asking each peer for now
         self._progress = asyncio.Event()  # replaced (after set) when a source batch ends
         self._source_slots = asyncio.Semaphore(config.concurrency)
+        self._sourcing = 0  # source fetches (_from_source calls) running on this node
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[dict[str, Outcome]]] = set()
 
@@ -202,13 +211,24 @@ class Fetcher:
         rest = dict(todo)
         to_source: dict[str, ChunkWant] = {}
         tracker = self.tracker
-        deadline = time.monotonic() + self.config.lease_wait
+        # Waiting on other peers' fetches ends after ``lease_wait`` without anything moving,
+        # or after LEASE_WAITS times that in all: while chunks keep landing, going to the
+        # source for the rest would fetch what someone is about to have.
+        wait = self.config.lease_wait
+        start = time.monotonic()
+        deadline = start + wait
+        cap = start + wait * LEASE_WAITS
+        failed = 0
+        refused: set[str] = set()  # last refused a lease (this node's budget was full)
+        looked_up = False  # rest: chunks whose wait on others ran out, not direct ones
         for _ in range(MAX_ROUNDS):
+            looked_up = False
             if not rest or tracker is None or not tracker.connected:
                 break
-            found = await tracker.lookup(list(rest))
+            found = await tracker.lookup(list(rest), {d: w.size for d, w in rest.items()})
             if found is None:
                 break  # no supernode answer: the source
+            looked_up = True
             cands = {d: ps for d, ps in found.chunks.items() if ps and d in rest}
             for d, p in found.fetching.items():
                 if d in rest and d not in cands:
@@ -216,6 +236,7 @@ class Fetcher:
             jobs = []
             mine = {d: rest[d] for d in found.leases if d in rest and d not in cands}
             if mine:
+                self.metrics.source_fetches.labels("leased").inc(len(mine))
                 jobs.append(self._from_source(mine, out, t0))
             retry: set[str] = set()
             if cands:
@@ -231,10 +252,24 @@ class Fetcher:
                     continue
                 if d in retry or (d not in cands and d not in mine):
                     again[d] = w  # busy or not there yet, or a lease refused: ask again
+                    if d not in cands:
+                        refused.add(d)
+                    else:
+                        refused.discard(d)
                 else:
                     to_source[d] = w  # every candidate failed
+                    failed += 1
             rest = again
-            if not rest or time.monotonic() >= deadline:
+            now = time.monotonic()
+            # Still moving: something arrived, a source fetch of this node ended or is running
+            # while some of the rest were refused a lease (its end frees this node's budget),
+            # or a live peer is fetching some of the rest under its lease (the supernode
+            # still says so).
+            if len(out) > before or progress.is_set() or \
+                    any(d in rest for d in found.fetching) or \
+                    (self._sourcing > 0 and any(d in refused for d in rest)):
+                deadline = min(cap, now + wait)
+            if not rest or now >= deadline:
                 break
             if len(out) == before:
                 # Nothing arrived this round: wait for this node's source fetches to free a
@@ -243,7 +278,16 @@ class Fetcher:
                     async with asyncio.timeout(min(RETRY_PAUSE,
                                                    max(0.0, deadline - time.monotonic()))):
                         await progress.wait()
+        waited = refused_n = 0
+        if looked_up:
+            refused_n = sum(1 for d in rest if d in refused)
+            waited = len(rest) - refused_n
         to_source.update(rest)
+        m = self.metrics.source_fetches
+        m.labels("failed").inc(failed)
+        m.labels("waited").inc(waited)
+        m.labels("refused").inc(refused_n)
+        m.labels("direct").inc(len(to_source) - failed - waited - refused_n)
         if to_source:
             await self._from_source(to_source, out, t0)
         for o in out.values():
@@ -320,7 +364,17 @@ class Fetcher:
             batches = []
             for p, ds in groups.values():
                 self._asking[p.id] -= len(ds)
-                batches += [(p, ds[i:i + cfg.batch]) for i in range(0, len(ds), cfg.batch)]
+                cur: list[str] = []
+                size = 0
+                for d in ds:  # at most cfg.batch chunks and about PEER_BATCH_BYTES each
+                    n = todo[d].size
+                    if cur and (len(cur) >= cfg.batch or size + n > PEER_BATCH_BYTES):
+                        batches.append((p, cur))
+                        cur, size = [], 0
+                    cur.append(d)
+                    size += n
+                if cur:
+                    batches.append((p, cur))
             return batches
 
         for _ in range(cfg.k):
@@ -454,9 +508,11 @@ class Fetcher:
             step = max(self.config.batch, 1) * 4  # neighbours in one batch merge into one GET
             jobs += [self._source_batch(loc, ws[i:i + step], out, t0)
                      for i in range(0, len(ws), step)]
+        self._sourcing += 1
         try:
             await asyncio.gather(*jobs)
         finally:
+            self._sourcing -= 1
             # Leases this node held are released (announced): wake its refused requests.
             self._progress.set()
             self._progress = asyncio.Event()

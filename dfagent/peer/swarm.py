@@ -3,17 +3,24 @@
 :class:`Swarm` is the fetcher's :class:`~dfagent.peer.fetcher.Tracker`. One background task
 (:meth:`Swarm.run`) keeps the peer registered:
 
-* not registered → ``register(reset=True)`` (the supernode forgets whatever it had for this
-  id), then every chunk in the store is queued for announcement: this is both the start-up
-  announcement of a rebuilt store and the re-announcement after a supernode lost its state;
+* not registered → ``register``, then every chunk in the store is queued for announcement:
+  this is both the start-up announcement of a rebuilt store and the re-announcement after a
+  supernode lost its state. The first registration of the process has ``reset`` (the
+  supernode forgets whatever it had for this id: a previous run's store); later ones do not,
+  so a blip (a heartbeat that timed out on a loaded supernode) does not drop this peer's
+  source leases and make others fetch what it is fetching; withdrawals queued meanwhile are
+  still sent;
 * registered → heartbeats (with load) every ``heartbeat_interval`` the supernode asked for,
   and queued announcements/withdrawals sent in batches as they come (a short debounce);
-* ``UnknownPeer`` (the supernode restarted or expired us) or ``SupernodeUnavailable`` (none of
-  them answers) → not registered: fetches skip lookups and go to the source at once, and the
-  task retries registration every ``RETRY`` seconds until a supernode answers.
+* ``UnknownPeer`` (the supernode restarted or expired us) or a heartbeat or announcement
+  that no supernode answered → not registered: fetches skip lookups and go to the source at
+  once, and the task retries registration every ``RETRY`` seconds until a supernode answers.
 
 Lookups are bounded by ``fetch.lookup_timeout`` per supernode and never raise: a failure
-counts in metrics and answers "no peers". Reports are sent in the background, best effort.
+counts in metrics and answers "no peers" (that fetch goes to the source). A lookup no
+supernode answered does not by itself unregister the peer — one slow answer is not a dead
+supernode — but it makes the next heartbeat go at once, which finds out. Reports are sent in
+the background, best effort.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from dfagent.errors import SupernodeError, SupernodeUnavailable, UnknownPeer
 from dfagent.metrics import PeerMetrics
@@ -55,6 +62,7 @@ class Swarm:
         self._announce: dict[str, None] = {}  # ordered set
         self._withdraw: dict[str, None] = {}
         self._wake = asyncio.Event()
+        self._beat_now = False  # heartbeat at once (a lookup went unanswered)
         self._reports: set[asyncio.Task[None]] = set()
         self.registrations = 0
         self.first_attempt = asyncio.Event()  # set once the first registration was tried
@@ -71,13 +79,15 @@ class Swarm:
 
     # -- Tracker ----------------------------------------------------------------------------
 
-    async def lookup(self, digests: list[str]) -> LookupResult | None:
-        """Holders, and source leases for what nobody holds; ``None`` when the supernode
-        could not answer (the caller goes to the source)."""
+    async def lookup(self, digests: list[str], sizes: Mapping[str, int] | None = None
+                     ) -> LookupResult | None:
+        """Holders, and source leases for what nobody holds (``sizes``: their source sizes,
+        for the supernode's byte budget of leases); ``None`` when the supernode could not
+        answer (the caller goes to the source)."""
         t0 = time.monotonic()
         try:
             found = await self.client.lookup_leased(digests, requester=self.info.id, k=self.k,
-                                                    timeout=self.lookup_timeout)
+                                                    timeout=self.lookup_timeout, sizes=sizes)
         except UnknownPeer as exc:
             self.metrics.lookup_errors.inc()
             log.info("lookup: %s; registering again", exc)
@@ -87,7 +97,7 @@ class Swarm:
         except SupernodeUnavailable as exc:
             self.metrics.lookup_errors.inc()
             log.info("lookup failed, going to the source: %s", exc)
-            self._set_connected(False)
+            self._beat_now = True  # is the supernode gone, or only slow? the heartbeat says
             self._wake.set()
             return None
         except SupernodeError as exc:
@@ -132,7 +142,8 @@ class Swarm:
         while True:
             if not self._connected:
                 try:
-                    reg = await self.client.register(self.info, reset=True)
+                    reg = await self.client.register(self.info,
+                                                     reset=self.registrations == 0)
                 except SupernodeUnavailable as exc:
                     log.debug("no supernode: %s", exc)
                     self.first_attempt.set()
@@ -147,7 +158,8 @@ class Swarm:
                 self.metrics.registrations.inc()
                 interval = max(0.05, reg.heartbeat_interval)
                 next_beat = time.monotonic() + interval
-                self._withdraw.clear()  # reset=True: the supernode holds nothing for us
+                if self.registrations == 1:
+                    self._withdraw.clear()  # reset: the supernode holds nothing for us
                 self._announce = dict.fromkeys(self.store.digests())
                 self._set_connected(True)
                 self.first_attempt.set()
@@ -155,7 +167,8 @@ class Swarm:
             if not self._connected:
                 continue
             now = time.monotonic()
-            if now >= next_beat:
+            if now >= next_beat or self._beat_now:
+                self._beat_now = False
                 try:
                     stats_load = self._load()
                     await self.client.heartbeat(self.info.id, stats_load)

@@ -34,7 +34,8 @@ Signatures (all methods are coroutines; the client is an async context manager):
     lookup(digests: Iterable[str], *, requester: str | None = None, zone: str | None = None,
            k: int | None = None, timeout: float | None = None) -> dict[str, list[PeerRef]]
     lookup_leased(digests: Iterable[str], *, requester: str, zone: str | None = None,
-                  k: int | None = None, timeout: float | None = None) -> LookupResult
+                  k: int | None = None, timeout: float | None = None,
+                  sizes: Mapping[str, int] | None = None) -> LookupResult
     report(peer_id: str, *, reporter: str, reason: str, digest: str | None = None) -> ReportAck
     close() -> None
 
@@ -46,7 +47,7 @@ from __future__ import annotations
 import asyncio
 import ssl as ssl_module
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -218,15 +219,17 @@ class SupernodeClient:
 
     async def lookup_leased(self, digests: Iterable[str], *, requester: str,
                             zone: str | None = None, k: int | None = None,
-                            timeout: float | None = None) -> LookupResult:
+                            timeout: float | None = None,
+                            sizes: Mapping[str, int] | None = None) -> LookupResult:
         """:meth:`lookup` that also takes source leases for the digests nobody holds
-        (docs/api.md, "Lookup"): see :class:`LookupResult`."""
+        (docs/api.md, "Lookup"): see :class:`LookupResult`. ``sizes``: each digest's source
+        size in bytes (the supernode bounds a peer's leases in bytes; missing: 0)."""
         return await self._lookup(digests, requester=requester, zone=zone, k=k,
-                                  timeout=timeout, lease=True)
+                                  timeout=timeout, lease=True, sizes=sizes)
 
     async def _lookup(self, digests: Iterable[str], *, requester: str | None,
                       zone: str | None, k: int | None, timeout: float | None,
-                      lease: bool) -> LookupResult:
+                      lease: bool, sizes: Mapping[str, int] | None = None) -> LookupResult:
         wanted = list(dict.fromkeys(digests))
         out = LookupResult(chunks={d: [] for d in wanted})
         for batch in _batches(wanted, MAX_LOOKUP):
@@ -239,6 +242,8 @@ class SupernodeClient:
                 body["k"] = k
             if lease:
                 body["lease"] = True
+                if sizes:
+                    body["sizes"] = [sizes.get(d, 0) for d in batch]
             data = await self._call("POST", "/api/v1/lookup", body, timeout=timeout,
                                     check=_check_lookup)
             peers = {pid: PeerRef(id=pid, address=p["address"], zone=p.get("zone", ""))

@@ -14,7 +14,7 @@ Example (every key optional)::
     peer_ttl: 30s
     quarantine: {reports: 3, window: 5m, duration: 10m}
     k: 4
-    leases: {ttl: 10s, per_peer: 16}
+    leases: {ttl: 10s, per_peer: 256, bytes: 4MiB}
     token_file: /etc/dfagent/token          # or token: "..."
     tls: {cert: /etc/dfagent/tls.crt, key: /etc/dfagent/tls.key}
 
@@ -39,6 +39,7 @@ from nydusfs.config import (
     _seconds,
     _section,
     _show,
+    _size,
     _str,
 )
 
@@ -78,7 +79,8 @@ class LeaseConfig:
     """Source leases (docs/dfagent.md, "Source leases"): who fetches a chunk nobody holds."""
 
     ttl: float = 10.0  # seconds a lease lasts unless its holder announces the chunk first
-    per_peer: int = 16  # live leases one peer may hold at once (spreads source fetches)
+    per_peer: int = 256  # live leases one peer may hold at once
+    bytes: int = 4 << 20  # source bytes one peer may hold leases for (0: no byte limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,10 +231,12 @@ def _quarantine(raw: object) -> QuarantineConfig:
 
 def _leases(raw: object) -> LeaseConfig:
     d = _section(raw, "leases")
-    _check_keys(d, "leases", ("ttl", "per_peer"))
+    _check_keys(d, "leases", ("ttl", "per_peer", "bytes"))
     kw: dict[str, object] = {}
     if "ttl" in d:
         kw["ttl"] = _seconds(d["ttl"], "leases.ttl", positive=True)
     if "per_peer" in d:
         kw["per_peer"] = _int(d["per_peer"], "leases.per_peer", minimum=1)
+    if "bytes" in d:
+        kw["bytes"] = _size(d["bytes"], "leases.bytes", minimum=0)
     return LeaseConfig(**kw)  # type: ignore[arg-type]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from dfagent.errors import RequestError
@@ -118,12 +118,14 @@ class Scheduler:
 
     async def lookup(self, digests: Sequence[str], *, requester: str | None = None,
                      zone: str | None = None, k: int | None = None,
-                     lease: bool = False) -> LookupAnswer:
+                     lease: bool = False, sizes: Mapping[str, int] | None = None
+                     ) -> LookupAnswer:
         """Up to ``k`` ranked peers per digest (see :mod:`dfagent.supernode.ranking`).
 
         ``zone`` defaults to the requester's registered zone; ``k`` to the configured one.
         ``lease`` (needs ``requester``): for digests no eligible peer holds, take source
-        leases (:meth:`PeerStore.lease`, at most ``leases.per_peer`` live ones per peer) so
+        leases (:meth:`PeerStore.lease`, at most ``leases.per_peer`` live ones and
+        ``leases.bytes`` of source bytes per peer, ``sizes`` giving each digest's) so
         that one peer fetches each such chunk from its source and the others are pointed at
         it (``fetching``) instead of all fetching it too; and record the requester as
         expected to hold the chunks it will fetch from peers (:meth:`PeerStore.expect`), so
@@ -157,7 +159,9 @@ class Scheduler:
             return LookupAnswer(chunks=chunks, peers=peers)
         missing = [d for d in digests if d not in chunks]
         got = await self.store.lease(requester, missing, now=now, until=now + cfg.ttl,
-                                     alive_since=self._alive_since(now), limit=cfg.per_peer)
+                                     alive_since=self._alive_since(now), limit=cfg.per_peer,
+                                     sizes=[sizes.get(d, 0) for d in missing] if sizes else None,
+                                     byte_limit=cfg.bytes)
         if not got.live:
             return LookupAnswer(chunks=chunks, peers=peers, requester_known=False)
         # The requester will get these from peers: point the next requesters at it too.

@@ -234,9 +234,10 @@ async def _withdraw(request: web.Request) -> web.Response:
 
 async def _lookup(request: web.Request) -> web.Response:
     sched = request.app[SCHEDULER]
-    body = parse_body(await _body(request), ("digests", "requester", "zone", "k", "lease"),
-                      ("digests",))
+    body = parse_body(await _body(request),
+                      ("digests", "requester", "zone", "k", "lease", "sizes"), ("digests",))
     digests = parse_digests(body["digests"], "digests", limit=MAX_LOOKUP)
+    sizes = _sizes(body["sizes"], body["digests"]) if body.get("sizes") is not None else None
     requester = body.get("requester")
     if requester is not None:
         requester = check_peer_id(requester, "requester")
@@ -247,7 +248,8 @@ async def _lookup(request: web.Request) -> web.Response:
         raise RequestError(f"lease: expected true or false, got {lease!r:.40}")
     if lease and requester is None:
         raise RequestError("lease: needs requester (leases are granted to a peer)")
-    answer = await sched.lookup(digests, requester=requester, zone=zone, k=k, lease=lease)
+    answer = await sched.lookup(digests, requester=requester, zone=zone, k=k, lease=lease,
+                                sizes=sizes)
     if not answer.requester_known:
         assert requester is not None
         return _unknown_peer(requester)
@@ -260,6 +262,19 @@ async def _lookup(request: web.Request) -> web.Response:
         doc["leases"] = answer.leases
         doc["fetching"] = answer.fetching
     return web.json_response(doc)
+
+
+MAX_CHUNK_SOURCE = 1 << 32  # bytes: a bound on one chunk's source size in a lookup
+
+
+def _sizes(value: object, digests: object) -> dict[str, int]:
+    """``sizes``: one source size in bytes per entry of ``digests`` (already checked)."""
+    assert isinstance(digests, list)
+    if not isinstance(value, list) or len(value) != len(digests):
+        raise RequestError(f"sizes: expected a list of {len(digests)} sizes (one per digest), "
+                           f"got {value!r:.40}")
+    return {d: parse_int(n, f"sizes[{i}]", minimum=0, maximum=MAX_CHUNK_SOURCE)
+            for i, (d, n) in enumerate(zip(digests, value, strict=True))}
 
 
 async def _report(request: web.Request) -> web.Response:

@@ -10,6 +10,13 @@ Two phases, in order:
    start), in list order;
 2. ``"all"`` (only with ``all=True``): every other chunk of the image, in blob order, so a full
    prefetch reads each blob front to back and the mount then works with the backend gone.
+   Over a per-chunk backend (``backend.per_chunk``: the P2P agent) the order is *rotated*: the
+   queue of batches starts at a random batch (``rng``, per mount) and wraps around. When many
+   nodes prefetch the same image at once, each then starts somewhere else, so each fetches a
+   different part from the source first and the others get it from it, instead of the node
+   slightly ahead fetching everything and serving everyone. Batches stay intact and in blob
+   order after the start, so neighbouring chunks stay together; the list phase is never
+   rotated (it is what a starting container reads first).
 
 Chunks are grouped into batches of about ``batch_bytes`` compressed bytes, so neighbouring chunks
 become one ranged read; up to ``concurrency`` batches are in flight. A token bucket over
@@ -34,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Literal
@@ -115,12 +123,15 @@ class Prefetcher:
         batch_bytes: int = 4 * MiB,
         list_batch_bytes: int | None = None,
         list_priority: bool = False,
+        rotate: bool | None = None,
+        rng: random.Random | None = None,
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         """``list_batch_bytes``: batch size of the list phase (default ``batch_bytes``);
         ``list_priority``: fetch the list without waiting for on-demand reads (see the module
-        docstring); the ``all`` phase always waits."""
+        docstring); the ``all`` phase always waits. ``rotate``: start the ``all`` phase at a
+        random batch chosen with ``rng`` (``None``: when the backend is per-chunk)."""
         if bandwidth < 0:
             raise ValueError(f"prefetch.bandwidth: must be >= 0, got {bandwidth}")
         if concurrency < 1:
@@ -136,6 +147,8 @@ class Prefetcher:
         self.batch_bytes = batch_bytes
         self.list_batch_bytes = batch_bytes if list_batch_bytes is None else list_batch_bytes
         self.list_priority = list_priority
+        self.rotate = bool(getattr(fs.backend, "per_chunk", False)) if rotate is None else rotate
+        self._rng = rng if rng is not None else random.Random()
         self._clock = clock
         # Credit for one second or one batch, whichever is larger: never less than a batch.
         self._bucket = TokenBucket(bandwidth, burst=max(bandwidth, batch_bytes),
@@ -213,7 +226,7 @@ class Prefetcher:
         await self._phase(listed, self.list_batch_bytes, priority=self.list_priority)
         if self.all:
             self.state = "all"
-            await self._phase(rest, self.batch_bytes, priority=False)
+            await self._phase(rest, self.batch_bytes, priority=False, rotate=self.rotate)
         self.state = "failed" if self.failed_chunks else "done"
 
     # ---- work ----------------------------------------------------------------------------
@@ -237,8 +250,11 @@ class Prefetcher:
         return out
 
     async def _phase(self, records: Sequence[ChunkRecord], batch_bytes: int, *,
-                     priority: bool) -> None:
+                     priority: bool, rotate: bool = False) -> None:
         queue = self._batches(records, batch_bytes)
+        if rotate and len(queue) > 1:
+            start = self._rng.randrange(len(queue))
+            queue = queue[start:] + queue[:start]
         queue.reverse()  # pop() from the end takes them in order
 
         async def worker() -> None:

@@ -23,13 +23,19 @@ verifies again after us, as it does for every backend.
 Failure: when the agent is unreachable (socket missing, connection refused, a malformed
 answer) the whole batch is read from the image's own source (the fallback backend), and the
 agent is left alone for ``retry_after`` seconds so a dead agent costs one failed connect, not
-one per read. An agent that accepted the call but gave no answer within ``dragonfly.timeout``
-is alive but slow (waiting on busy peers): that batch goes to the source and the next one asks
-the agent again, so one slow answer does not send a whole node to the registry. A dead agent
-never breaks a mount. Requests that carry no chunk identity (whole-range reads, ``nydusfs
-check``) go to the source directly, as do chunks whose stored encoding differs from this
-image's (the same content compressed differently by another image's build: the payload must
-be this blob's bytes).
+one per read. An agent that accepted the call but has not answered after ``PROBE_AFTER``
+seconds is asked ``GET /healthz`` (every ``PROBE_AFTER`` seconds, each bounded by
+``PROBE_TIMEOUT``): an agent that answers that is alive and busy (a big batch waits on peers
+and on other peers' source fetches under load), so the batch keeps waiting, up to
+``dragonfly.timeout`` in all — reading it from the source meanwhile would fetch the same
+bytes twice, since the agent fetches them anyway. When ``dragonfly.timeout`` runs out, that
+batch goes to the source and the next one asks the agent again. An agent that does not answer
+the health check is hung: treated as unreachable (the batch from the source, the agent left
+alone for ``retry_after``), so a hung agent costs about ``PROBE_AFTER + PROBE_TIMEOUT``
+seconds, not ``dragonfly.timeout``. A dead agent never breaks a mount. Requests that
+carry no chunk identity (whole-range reads, ``nydusfs check``) go to the source directly, as
+do chunks whose stored encoding differs from this image's (the same content compressed
+differently by another image's build: the payload must be this blob's bytes).
 
 Counters (``stats()``, shown by the mount's status API): chunks from the agent, chunks and
 batches that fell back to the source, agent failures, refetches, verification failures.
@@ -63,6 +69,9 @@ log = logging.getLogger(__name__)
 
 INLINE_DECODE = 64 * 1024  # chunks up to this size are verified on the event loop
 API_CHUNKS = "http://dfagent/api/v1/chunks"
+API_HEALTH = "http://dfagent/healthz"
+PROBE_AFTER = 3.0  # seconds without an answer before (and between) health checks of the agent
+PROBE_TIMEOUT = 5.0  # seconds a health check may take before the agent counts as hung
 
 
 @dataclass(slots=True)
@@ -93,7 +102,7 @@ class DragonflyBackend(Backend):
     per_chunk = True
 
     def __init__(self, socket: Path, location: dict[str, Any], source: Backend, *,
-                 timeout: float = 10.0, retry_after: float = 5.0,
+                 timeout: float = 20.0, retry_after: float = 5.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.socket = Path(socket)
         self.location = location
@@ -236,15 +245,16 @@ class DragonflyBackend(Backend):
                         "flags": r.chunk.flags, "refetch": refetch}
                        for r in reqs if r.chunk is not None],
         }
+        call = asyncio.ensure_future(self._post(body))
         try:
-            async with asyncio.timeout(self.timeout):
-                async with self._http().post(API_CHUNKS, json=body) as resp:
-                    payload = await resp.read()
-                    status = resp.status
-        except TimeoutError as exc:
-            raise _AgentDown(f"no answer within {self.timeout:g} s", slow=True) from exc
+            await self._wait_alive(call)
+            status, payload = call.result()
         except (aiohttp.ClientError, OSError) as exc:
             raise _AgentDown(f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            if not call.done():
+                call.cancel()
+                await asyncio.gather(call, return_exceptions=True)
         if status != 200:
             raise _AgentDown(f"HTTP {status}: {payload[:200]!r}")
         try:
@@ -253,6 +263,36 @@ class DragonflyBackend(Backend):
             return _json_answer(payload, reqs)
         except (ValueError, KeyError, TypeError, IntegrityError) as exc:
             raise _AgentDown(f"malformed answer: {exc}") from exc
+
+
+    async def _post(self, body: dict[str, Any]) -> tuple[int, bytes]:
+        async with self._http().post(API_CHUNKS, json=body) as resp:
+            return resp.status, await resp.read()
+
+    async def _wait_alive(self, call: asyncio.Future[tuple[int, bytes]]) -> None:
+        """Wait for ``call`` at most ``timeout`` seconds, checking every ``PROBE_AFTER`` that
+        the agent is alive; raises :class:`_AgentDown` (``slow`` when it is alive)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise _AgentDown(f"no answer within {self.timeout:g} s", slow=True)
+            done, _ = await asyncio.wait({call}, timeout=min(PROBE_AFTER, left))
+            if done:
+                return
+            if deadline - loop.time() <= 0:
+                continue  # out of time: no need to ask whether it is alive
+            try:
+                async with asyncio.timeout(PROBE_TIMEOUT):
+                    async with self._http().get(API_HEALTH) as resp:
+                        await resp.read()
+                        alive = resp.status == 200
+            except (TimeoutError, aiohttp.ClientError, OSError):
+                alive = False
+            if not alive:
+                raise _AgentDown(f"no answer after {PROBE_AFTER:g} s and no answer to a "
+                                 f"health check within {PROBE_TIMEOUT:g} s (hung)")
 
 
 def _read_file(path: str) -> bytes:

@@ -479,3 +479,53 @@ def test_bad_arguments_are_rejected(image: Path) -> None:
         with pytest.raises(ValueError):
             Prefetcher(rig.fs, all=True, bandwidth=bandwidth, concurrency=concurrency,
                        batch_bytes=batch)
+
+
+# ---- rotation over a per-chunk backend ------------------------------------------------------
+
+class _FixedRng(random.Random):
+    """``randrange`` answers ``pick`` (the rotation's start batch), and records the bound."""
+
+    def __init__(self, pick: int) -> None:
+        super().__init__(0)
+        self.pick = pick
+        self.bounds: list[int] = []
+
+    def randrange(self, *args: int, **kwargs: object) -> int:  # type: ignore[override]
+        self.bounds.append(args[0])
+        return self.pick
+
+
+def test_a_per_chunk_backend_starts_the_all_phase_at_a_random_batch(image: Path) -> None:
+    """Nodes prefetching one image through the P2P agent each start somewhere else; the list
+    still goes first and in order, every chunk is fetched once, batches stay intact."""
+    rig = _rig(image)
+    rig.backend.per_chunk = True  # as the dragonfly backend (through the wrapper stack) says
+    rng = _FixedRng(2)
+    p = Prefetcher(rig.fs, all=True, bandwidth=0, concurrency=1, batch_bytes=CHUNK, rng=rng)
+    assert p.rotate
+    _run_prefetch(p)
+    listed = rig.fs.prefetch_list_chunks()
+    listed_ids = {r.digest for r in listed}
+    others = [r for r in rig.fs.chunks_in_blob_order() if r.digest not in listed_ids]
+    batches = p._batches(others)
+    assert len(batches) > 2 and rng.bounds == [len(batches)]  # only the all phase rotates
+    assert set(rig.fetch_counts().values()) == {1}
+    # The list first, in list order; then batches 2, 3, ..., 0, 1.
+    order = sorted(rig.fs.chunks_in_blob_order(), key=rig.first_request_index)
+    assert [r.digest for r in order[:len(listed)]] == [r.digest for r in listed]
+    expect = [r.digest for b in batches[2:] + batches[:2] for r in b]
+    assert [r.digest for r in order[len(listed):]] == expect
+    assert p.state == "done"
+
+
+def test_a_merging_backend_keeps_blob_order(image: Path) -> None:
+    rig = _rig(image)
+    p = Prefetcher(rig.fs, all=True, bandwidth=0, concurrency=1, batch_bytes=CHUNK,
+                   rng=_FixedRng(2))
+    assert not p.rotate
+    _run_prefetch(p)
+    listed_ids = {r.digest for r in rig.fs.prefetch_list_chunks()}
+    others = [r for r in rig.fs.chunks_in_blob_order() if r.digest not in listed_ids]
+    firsts = [rig.first_request_index(r) for r in others]
+    assert firsts == sorted(firsts)

@@ -13,14 +13,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import pytest
+from aiohttp import web
 
 from dfagent.peer.agent import start_peer
 from dfagent.peer.config import PeerConfig
 from nydusfs.config import BackendConfig, DragonflyConfig, HostPort, parse_config
 from nydusfs.format.reader import Bootstrap
 from nydusfs.fs.model import ImageFS
-from nydusfs.storage import create_backend
+from nydusfs.storage import create_backend, dragonfly
 from nydusfs.storage.dragonfly import DragonflyBackend
 
 from .helpers import run
@@ -162,5 +164,93 @@ def test_agent_that_never_answers_times_out_to_the_source(
             await fs.backend.close()
         finally:
             server.close()
+
+    run(go())
+
+
+def test_a_hung_agent_is_found_by_a_health_check_long_before_the_timeout(
+        image: tuple[Path, dict[str, bytes]], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An agent that accepts connections but answers nothing (not even ``/healthz``) is hung:
+    the batch goes to the source after the first health check, not after ``timeout``, and the
+    agent is left alone like an unreachable one."""
+    img, files = image
+    sock = tmp_path / "hung.sock"
+    monkeypatch.setattr(dragonfly, "PROBE_AFTER", 0.05)
+    monkeypatch.setattr(dragonfly, "PROBE_TIMEOUT", 0.05)
+
+    async def go() -> None:
+        async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read(1 << 16)
+            await asyncio.sleep(3600)
+
+        server = await asyncio.start_unix_server(mute, path=str(sock))
+        try:
+            fs = _fs(img, sock, timeout="1h", retry_after="1h")
+            async with asyncio.timeout(60):  # far below the hour of ``timeout``
+                assert await _read(fs, "small") == files["small"]
+                assert await _read(fs, "d/text") == files["d/text"]
+            df = _dragonfly(fs)
+            assert df.counters.fallbacks == 1  # then left alone: not asked again
+            assert df.counters.agent_chunks == 0 and df.counters.fallback_chunks > 1
+            await fs.backend.close()
+        finally:
+            server.close()
+
+    run(go())
+
+
+def test_a_busy_agent_that_is_alive_is_waited_for(
+        image: tuple[Path, dict[str, bytes]], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real agent behind a proxy that holds its answer until the backend has checked twice
+    that the agent is alive (as under load, when a batch waits on busy peers): the batch is
+    not read from the source."""
+    img, files = image
+    monkeypatch.setattr(dragonfly, "PROBE_AFTER", 0.05)
+    front = tmp_path / "front.sock"
+
+    async def go() -> None:
+        peer = await start_peer(PeerConfig(listen=HostPort("127.0.0.1", 0),
+                                           socket=tmp_path / "agent.sock",
+                                           data_dir=tmp_path / "data"))
+        probes = 0
+        probed_twice = asyncio.Event()
+
+        async def healthz(request: web.Request) -> web.Response:
+            nonlocal probes
+            probes += 1
+            if probes >= 2:
+                probed_twice.set()
+            return web.Response(text="ok\n")
+
+        async def chunks(request: web.Request) -> web.Response:
+            body = await request.read()
+            async with asyncio.timeout(30):
+                await probed_twice.wait()
+            conn = aiohttp.UnixConnector(path=str(peer.socket))
+            async with aiohttp.ClientSession(connector=conn) as http, \
+                    http.post("http://dfagent/api/v1/chunks", data=body,
+                              headers={"Content-Type": "application/json"}) as resp:
+                return web.Response(status=resp.status, body=await resp.read(),
+                                    content_type=resp.content_type)
+
+        app = web.Application()
+        app.router.add_get("/healthz", healthz)
+        app.router.add_post("/api/v1/chunks", chunks)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.UnixSite(runner, str(front)).start()
+        try:
+            fs = _fs(img, front, timeout="1h")
+            assert await _read(fs, "small") == files["small"]
+            df = _dragonfly(fs)
+            assert probes >= 2
+            assert df.counters.fallbacks == 0 and df.counters.fallback_chunks == 0
+            assert df.counters.agent_chunks >= 1
+            await fs.backend.close()
+        finally:
+            await runner.cleanup()
+            await peer.close()
 
     run(go())

@@ -24,7 +24,9 @@ each one. Contract, errors included:
 * Source leases (:meth:`PeerStore.lease`) say which peer is fetching a chunk nobody holds
   from its source, so the others wait for it instead of fetching it too. A lease ends at its
   ``until``, when its holder announces that chunk, or when the holder leaves, is expired, or
-  registers with ``reset``; a lease whose holder is not live counts as ended.
+  registers with ``reset``; a lease whose holder is not live counts as ended. A peer's leases
+  are bounded in number and in bytes (the chunks' source sizes), so the chunks nobody holds
+  spread over the peers that want them, whatever their sizes.
 * All operations are idempotent, so a client may retry one on another replica after a timeout.
 * Transient failures (Redis unreachable, timing out) raise
   :class:`~dfagent.errors.StoreUnavailable`; anything else unexpected from the backing service
@@ -173,15 +175,20 @@ class PeerStore(ABC):
 
     @abstractmethod
     async def lease(self, peer_id: str, digests: Sequence[str], *, now: float, until: float,
-                    alive_since: float, limit: int) -> LeaseOutcome:
+                    alive_since: float, limit: int, sizes: Sequence[int] | None = None,
+                    byte_limit: int = 0) -> LeaseOutcome:
         """Source leases for ``digests`` (which the caller found nobody holds), atomically.
 
         For each digest in order: a lease that ends after ``now`` held by another peer that is
         live (registered, ``last_seen >= alive_since``) goes to ``others``; one already held by
-        ``peer_id`` is renewed to ``until`` and granted; otherwise, while ``peer_id`` holds
-        fewer than ``limit`` live leases, a new one until ``until`` is granted (taking over an
-        ended lease or one whose holder is not live). The rest are refused. An unknown or
-        expired ``peer_id`` is granted nothing (``others`` is still filled in).
+        ``peer_id`` is renewed to ``until`` and granted; otherwise a new one until ``until`` is
+        granted (taking over an ended lease or one whose holder is not live) while ``peer_id``
+        holds fewer than ``limit`` live leases and, with ``byte_limit`` > 0, while the sizes of
+        its live leases plus this chunk's are at most ``byte_limit`` — or it holds none (so a
+        chunk larger than the budget is still leased, alone). ``sizes`` are the digests'
+        source sizes in bytes, in order (``None`` or missing: 0, counted only by ``limit``).
+        The rest are refused. An unknown or expired ``peer_id`` is granted nothing
+        (``others`` is still filled in).
         """
 
     @abstractmethod

@@ -63,6 +63,7 @@ class MemoryPeerStore(PeerStore):
         self._quarantine: dict[str, float] = {}  # peer -> end of its quarantine
         self._leases: dict[str, tuple[str, float]] = {}  # digest -> (holder, end)
         self._leased: dict[str, dict[str, float]] = {}  # holder -> digest -> end
+        self._lease_size: dict[str, int] = {}  # digest -> source bytes of its lease
         self._expected: dict[str, dict[str, float]] = {}  # digest -> peer -> end
         self._expects: dict[str, set[str]] = {}  # peer -> digests it is expected to hold
         self._entries = 0
@@ -153,6 +154,7 @@ class MemoryPeerStore(PeerStore):
             for d in digests:
                 if mine.pop(d, None) is not None:
                     del self._leases[d]
+                    self._lease_size.pop(d, None)
         soon = self._expects.get(pid)
         if soon:
             for d in digests:
@@ -210,6 +212,7 @@ class MemoryPeerStore(PeerStore):
     def _drop_leases(self, peer_id: str) -> None:
         for d in self._leased.pop(peer_id, {}):
             del self._leases[d]
+            self._lease_size.pop(d, None)
         for d in self._expects.pop(peer_id, ()):
             self._unexpect(d, peer_id)
 
@@ -231,16 +234,24 @@ class MemoryPeerStore(PeerStore):
             soon.add(d)
 
     async def lease(self, peer_id: str, digests: Sequence[str], *, now: float, until: float,
-                    alive_since: float, limit: int) -> LeaseOutcome:
+                    alive_since: float, limit: int, sizes: Sequence[int] | None = None,
+                    byte_limit: int = 0) -> LeaseOutcome:
         peers = self._peers
         me = peers.get(peer_id)
         live_me = me is not None and me.last_seen >= alive_since
         mine = self._leased.get(peer_id, {})
-        held = sum(1 for end in mine.values() if end > now)
+        held = 0
+        held_bytes = 0
+        lease_size = self._lease_size
+        for ld, end in mine.items():
+            if end > now:
+                held += 1
+                held_bytes += lease_size.get(ld, 0)
         granted: list[str] = []
         others: dict[str, str] = {}
         named: dict[str, PeerState] = {}
-        for d in digests:
+        for i, d in enumerate(digests):
+            size = sizes[i] if sizes is not None and i < len(sizes) else 0
             cur = self._leases.get(d)
             if cur is not None:
                 holder, end = cur
@@ -248,6 +259,7 @@ class MemoryPeerStore(PeerStore):
                     if live_me:
                         if end <= now:
                             held += 1
+                            held_bytes += lease_size.get(d, 0)
                         self._leases[d] = (holder, until)
                         mine[d] = until
                         granted.append(d)
@@ -257,14 +269,17 @@ class MemoryPeerStore(PeerStore):
                     others[d] = holder
                     named[holder] = st
                     continue
-            if not live_me or held >= limit:
+            if not live_me or held >= limit or (
+                    byte_limit > 0 and held > 0 and held_bytes + size > byte_limit):
                 continue
             if cur is not None:  # an ended lease, or its holder is gone: take it over
                 self._leased.get(cur[0], {}).pop(d, None)
             assert me is not None
             self._leases[d] = (me.id, until)
+            lease_size[d] = size
             mine[d] = until
             held += 1
+            held_bytes += size
             granted.append(d)
         if mine and peer_id not in self._leased:
             self._leased[peer_id] = mine
@@ -283,6 +298,7 @@ class MemoryPeerStore(PeerStore):
         ended = [(d, holder) for d, (holder, end) in self._leases.items() if end < now]
         for d, holder in ended:
             del self._leases[d]
+            self._lease_size.pop(d, None)
             mine = self._leased.get(holder)
             if mine is not None:
                 mine.pop(d, None)

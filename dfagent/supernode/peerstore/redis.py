@@ -16,7 +16,7 @@ Keys, all under ``prefix`` (default ``dfagent:sn:``; one prefix per cluster)::
     chunk:<digest>      set   peer ids holding the digest (deleted when empty)
     reports:<peer id>   zset  reporter id, score = time of its latest report
     quarantine          zset  peer id, score = end of its quarantine
-    lease               hash  digest -> "HOLDER END" (a source lease)
+    lease               hash  digest -> "HOLDER END SIZE" (a source lease; SIZE: source bytes)
     leases              zset  digest, score = end of its lease (for the sweep)
     leased:<peer id>    zset  digests leased to the peer, score = end
     expected:<digest>   zset  peers expected to hold the digest soon, score = end
@@ -198,28 +198,49 @@ end
 return 1
 """
 
-# ARGV: prefix, id, now, until, alive_since, limit, digest...
+# ARGV: prefix, id, now, until, alive_since, limit, byte_limit, (digest, size)...
 #   -> JSON [granted digests, {digest: holder}, {holder: [info JSON, load, last_seen]},
 #            1 if the requester is live else 0]
 _LEASE = _LIB + """
 local p, id, now_s, until_s = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local now, since, limit = tonumber(now_s), ARGV[5], tonumber(ARGV[6])
+local byte_limit = tonumber(ARGV[7])
 local me = live(p, id, since)
 local mk = p .. 'leased:' .. id
-local held = redis.call('ZCOUNT', mk, '(' .. now_s, '+inf')
+local held, held_bytes = 0, 0
+for _, ld in ipairs(redis.call('ZRANGEBYSCORE', mk, '(' .. now_s, '+inf')) do
+  held = held + 1
+  local v = redis.call('HGET', p .. 'lease', ld)
+  if v then
+    local a = string.find(v, ' ', 1, true)
+    local b = string.find(v, ' ', a + 1, true)
+    if b then held_bytes = held_bytes + tonumber(string.sub(v, b + 1)) end
+  end
+end
 local granted, others, peers = {}, {}, {}
-for i = 7, #ARGV do
-  local d = ARGV[i]
+for i = 8, #ARGV, 2 do
+  local d, size_s = ARGV[i], ARGV[i + 1]
+  local size = tonumber(size_s)
   local cur = redis.call('HGET', p .. 'lease', d)
   local free, old = true, nil
   if cur then
     local sp = string.find(cur, ' ', 1, true)
-    local holder, e = string.sub(cur, 1, sp - 1), tonumber(string.sub(cur, sp + 1))
+    local holder = string.sub(cur, 1, sp - 1)
+    local rest = string.sub(cur, sp + 1)
+    local sp2 = string.find(rest, ' ', 1, true)
+    local e, cur_size = tonumber(rest), 0
+    if sp2 then
+      e = tonumber(string.sub(rest, 1, sp2 - 1))
+      cur_size = tonumber(string.sub(rest, sp2 + 1))
+    end
     if holder == id then
       free = false
       if me then
-        if e <= now then held = held + 1 end
-        redis.call('HSET', p .. 'lease', d, id .. ' ' .. until_s)
+        if e <= now then
+          held = held + 1
+          held_bytes = held_bytes + cur_size
+        end
+        redis.call('HSET', p .. 'lease', d, id .. ' ' .. until_s .. ' ' .. cur_size)
         redis.call('ZADD', p .. 'leases', until_s, d)
         redis.call('ZADD', mk, until_s, d)
         granted[#granted + 1] = d
@@ -236,12 +257,14 @@ for i = 7, #ARGV do
       old = holder
     end
   end
-  if free and me and held < limit then
+  if free and me and held < limit and
+      (byte_limit <= 0 or held == 0 or held_bytes + size <= byte_limit) then
     if old then redis.call('ZREM', p .. 'leased:' .. old, d) end
-    redis.call('HSET', p .. 'lease', d, id .. ' ' .. until_s)
+    redis.call('HSET', p .. 'lease', d, id .. ' ' .. until_s .. ' ' .. size_s)
     redis.call('ZADD', p .. 'leases', until_s, d)
     redis.call('ZADD', mk, until_s, d)
     held = held + 1
+    held_bytes = held_bytes + size
     granted[#granted + 1] = d
   end
 end
@@ -549,9 +572,13 @@ class RedisPeerStore(PeerStore):
     # -- source leases -------------------------------------------------------------------
 
     async def lease(self, peer_id: str, digests: Sequence[str], *, now: float, until: float,
-                    alive_since: float, limit: int) -> LeaseOutcome:
+                    alive_since: float, limit: int, sizes: Sequence[int] | None = None,
+                    byte_limit: int = 0) -> LeaseOutcome:
+        pairs: list[object] = []
+        for i, d in enumerate(digests):
+            pairs += [d, sizes[i] if sizes is not None and i < len(sizes) else 0]
         raw = await self._script("lease", [self._p, peer_id, _f(now), _f(until),
-                                           _f(alive_since), limit, *digests])
+                                           _f(alive_since), limit, byte_limit, *pairs])
         try:
             granted, others, described, live = json.loads(raw)
             peers = {pid: _state(pid, info, load, float(seen), self._infos)

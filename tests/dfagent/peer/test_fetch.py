@@ -10,11 +10,16 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+from dfagent.peer import fetcher
 from dfagent.peer.agent import RunningPeer, start_peer
 from dfagent.peer.config import FetchConfig, PeerConfig, UploadConfig
 from dfagent.peer.fetcher import ChunkWant
 from dfagent.peer.source import parse_location
+from dfagent.supernode.client import PeerRef
 from dfagent.supernode.config import SupernodeConfig
 from dfagent.supernode.server import start_supernode
 from nydusfs.config import HostPort
@@ -130,3 +135,77 @@ def test_requests_spread_by_what_this_node_knows(tmp_path: Path) -> None:
     assert f._choose([a, b, c], {"a", "c"}) is b  # busy ones still beat nothing
     f._bad_until["b"] = time.monotonic() + 60
     assert f._choose([a, b, c], {"a", "c"}) is None  # bad ones are skipped
+
+
+def test_requests_to_a_peer_are_bounded_in_bytes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks asked of one peer go in requests of about ``PEER_BATCH_BYTES`` (and at most
+    ``fetch.batch`` chunks), so one request's time on a shared link does not grow with the
+    chunk size; every chunk still arrives, verified, from the peer."""
+    monkeypatch.setattr(fetcher, "PEER_BATCH_BYTES", 100_000)
+    sent: list[list[str]] = []
+    real = fetcher.Fetcher._peer_batch
+
+    async def recording(self: fetcher.Fetcher, peer: PeerRef, digests: list[str],
+                        *args: Any) -> None:
+        sent.append(list(digests))
+        await real(self, peer, digests, *args)
+
+    monkeypatch.setattr(fetcher.Fetcher, "_peer_batch", recording)
+
+    async def go() -> None:
+        sn = await start_supernode(SupernodeConfig(listen=HostPort("127.0.0.1", 0)))
+        holder = await _peer(tmp_path, "holder", [sn.url])
+        req = await _peer(tmp_path, "req", [sn.url], fetch=FetchConfig(batch=16))
+        try:
+            wants = _wants(tmp_path, [chunk(40_000) for _ in range(6)] +
+                           [chunk(1000) for _ in range(20)])
+            assert all(o.origin == "source" for o in await holder.fetcher.get_many(wants))
+            for _ in range(500):  # bounded: all announced
+                view = await sn.scheduler.lookup([w.digest for w in wants], k=4)
+                if len(view.chunks) == len(wants):
+                    break
+                await asyncio.sleep(0.02)
+            (tmp_path / "blobs" / wants[0].blob).unlink()  # only the peer can serve now
+            got = await asyncio.wait_for(req.fetcher.get_many(wants), 20)
+            assert all(o.origin == "peer" and o.error is None for o in got)
+            sizes = {w.digest: w.size for w in wants}
+            assert sorted(d for ds in sent for d in ds) == sorted(sizes)  # each asked once
+            for ds in sent:
+                assert len(ds) <= 16
+                assert len(ds) == 1 or sum(sizes[d] for d in ds) <= 100_000
+            assert len(sent) >= 4  # 6 x 40 kB: two per request; 20 small ones: 16 per request
+        finally:
+            for p in (req, holder):
+                await p.close()
+            await sn.close()
+
+    run(go())
+
+
+def test_a_full_lease_budget_makes_chunks_wait_for_their_lease(tmp_path: Path) -> None:
+    """Lookups carry the chunks' sizes; with a lease budget of one chunk's bytes the node is
+    refused the others at first, waits while its own source fetch runs, and fetches every
+    chunk under a lease (none unarranged)."""
+    from dfagent.supernode.config import LeaseConfig
+
+    async def go() -> None:
+        sn = await start_supernode(SupernodeConfig(
+            listen=HostPort("127.0.0.1", 0), leases=LeaseConfig(bytes=30_000)))
+        node = await _peer(tmp_path, "n", [sn.url], fetch=FetchConfig(lease_wait=2.0))
+        try:
+            wants = _wants(tmp_path, [chunk(20_000) for _ in range(5)])
+            got = await asyncio.wait_for(node.fetcher.get_many(wants), 30)
+            assert all(o.origin == "source" and o.error is None for o in got)
+            m = node.metrics.source_fetches
+            assert m.labels("leased")._value.get() == 5
+            for reason in ("refused", "waited", "direct", "failed"):
+                assert m.labels(reason)._value.get() == 0, reason
+            leases = sn.scheduler.metrics.leases
+            assert leases.labels("granted")._value.get() == 5
+            assert leases.labels("refused")._value.get() >= 4  # the budget held them back
+        finally:
+            await node.close()
+            await sn.close()
+
+    run(go())

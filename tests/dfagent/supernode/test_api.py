@@ -162,6 +162,29 @@ def test_token_required_on_api_only() -> None:
     run(go())
 
 
+def test_lookup_leases_are_bounded_in_bytes() -> None:
+    """``sizes`` reach the lease budget over HTTP (leases.bytes), and are checked."""
+    ds = digests(4)
+    config = replace(BASE, leases=replace(BASE.leases, bytes=1000))
+
+    async def go() -> None:
+        async with serving(config) as (_, http):
+            await call(http, "PUT", "/api/v1/peers/node-1", register_body(9001))
+            status, data = await call(http, "POST", "/api/v1/lookup",
+                                      {"digests": ds, "requester": "node-1", "lease": True,
+                                       "sizes": [600, 300, 200, 100]})
+            assert status == 200 and data["leases"] == [ds[0], ds[1], ds[3]]
+            for sizes, pattern in (([1, 2], r"^sizes: expected a list of 4 sizes"),
+                                   ([1, 2, 3, -1], r"^sizes\[3\]: must be between"),
+                                   ([1, 2, 3, "x"], r"^sizes\[3\]: expected an integer")):
+                status, data = await call(http, "POST", "/api/v1/lookup",
+                                          {"digests": ds, "requester": "node-1",
+                                           "lease": True, "sizes": sizes})
+                assert status == 400 and re.search(pattern, data["error"]["message"]), data
+
+    run(go())
+
+
 def test_peer_lifecycle_and_lookup_format() -> None:
     ds = digests(3)
 

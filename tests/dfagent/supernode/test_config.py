@@ -34,6 +34,7 @@ peer_ttl: 1m
 sweep_interval: 5s
 quarantine: {{reports: 2, window: 2m, duration: 1h}}
 k: 6
+leases: {{ttl: 3s, per_peer: 32, bytes: 2MiB}}
 token_file: {tmp_path / "token"}
 tls: {{cert: tls.crt, key: tls.key}}
 """)
@@ -44,6 +45,7 @@ tls: {{cert: tls.crt, key: tls.key}}
     assert (cfg.peer_ttl, cfg.sweep_every, cfg.k, cfg.token) == (60.0, 5.0, 6, TOKEN)
     assert (cfg.quarantine.reports, cfg.quarantine.window, cfg.quarantine.duration) == \
         (2, 120.0, 3600.0)
+    assert (cfg.leases.ttl, cfg.leases.per_peer, cfg.leases.bytes) == (3.0, 32, 2 << 20)
     assert cfg.tls is not None and cfg.tls.cert == path.parent / "tls.crt"
 
 
@@ -64,6 +66,7 @@ tls: {{cert: tls.crt, key: tls.key}}
     ({"quarantine": {"window": "5 min"}}, r"^quarantine\.window: invalid duration"),
     ({"quarantine": {"length": 3}}, r"^quarantine\.length: unknown key"),
     ({"k": 0}, r"^k: must be >= 1"),
+    ({"leases": {"bytes": "lots"}}, r"^leases\.bytes: "),
     ({"k": 65}, r"^k: at most 64"),
     ({"token": "short"}, r"^token: too short"),
     ({"token": "has a space in it, long"}, r"^token: must be printable ASCII"),

@@ -357,6 +357,45 @@ def test_source_leases(store_factory: StoreFactory) -> None:
     check(store_factory, body)
 
 
+def test_source_lease_byte_budget(store_factory: StoreFactory) -> None:
+    """Leases are bounded by their chunks' source bytes too, whatever their number."""
+    async def body(s: PeerStore) -> None:
+        d = digests(8)
+        alive = T0 - 30
+        for pid in ("a", "b"):
+            await s.register(peer(pid), now=T0, reset=False)
+
+        async def lease(pid: str, ds: list[str], sizes: list[int], now: float) -> list[str]:
+            got = await s.lease(pid, ds, now=now, until=now + 10, alive_since=alive,
+                                limit=100, sizes=sizes, byte_limit=1000)
+            return got.granted
+
+        # Up to 1000 bytes in request order: 400 + 500 fit, 300 more does not, 100 does.
+        assert await lease("a", d[:4], [400, 500, 300, 100], T0) == [d[0], d[1], d[3]]
+        # Renewing one's own leases is always granted and not counted twice.
+        assert await lease("a", [d[0], d[2]], [400, 300], T0 + 1) == [d[0]]
+        # b has its own budget; a's leases point it at a.
+        got = await s.lease("b", d[:3], now=T0 + 1, until=T0 + 11, alive_since=alive,
+                            limit=100, sizes=[400, 500, 300], byte_limit=1000)
+        assert got.granted == [d[2]] and got.others == {d[0]: "a", d[1]: "a"}
+        # Announcing frees its bytes: 500 + 100 left held, so 300 fits again.
+        await s.announce("a", [d[0]], alive_since=alive)
+        assert await lease("a", [d[4]], [300], T0 + 2) == [d[4]]
+        assert await lease("a", [d[5]], [200], T0 + 2) == []
+        # A chunk bigger than the whole budget is leased when it is the only lease held.
+        assert await lease("b", [d[6]], [5000], T0 + 3) == []
+        await s.announce("b", [d[2]], alive_since=alive)
+        assert await lease("b", [d[6], d[7]], [5000, 1], T0 + 3) == [d[6]]
+        # Ended leases no longer count: after a's end, its budget is whole again.
+        assert await lease("a", [d[5]], [900], T0 + 13) == [d[5]]
+        # Without sizes only the count limit applies.
+        got = await s.lease("b", d[:2], now=T0 + 14, until=T0 + 24, alive_since=alive,
+                            limit=100, byte_limit=1000)
+        assert got.granted == [d[0], d[1]]
+
+    check(store_factory, body)
+
+
 def test_expected_holders(store_factory: StoreFactory) -> None:
     async def body(s: PeerStore) -> None:
         d = digests(3)
