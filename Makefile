@@ -1,6 +1,7 @@
 # dfnydus developer entry points. On a fresh Debian 12 machine, as root:
 #
-#   make demo    install what is needed, then build, inspect and check a sample image
+#   make demo    install what is needed, then a local cluster: image build, registry convert,
+#                supernode + peers in network namespaces, lazy mounts, containers (runc)
 #   make test    install what is needed, then ruff, mypy --strict and pytest
 #
 # `setup` is idempotent and fast when nothing changed: apt runs only for missing packages, and
@@ -31,7 +32,7 @@ BENCH_RUNS ?= 3
         bench-upload bench-report clean distclean
 
 help:
-	@echo "make demo       set up, then build/inspect/check a sample image (scripts/demo.sh)"
+	@echo "make demo       set up, then the local demo cluster (scripts/demo.sh)"
 	@echo "make test       set up, then ruff check, mypy --strict, pytest"
 	@echo "make lint       ruff check and mypy only"
 	@echo "make bench      run bench/ (BENCH_RUNS=$(BENCH_RUNS)) and regenerate docs/benchmarks.md"
