@@ -36,8 +36,6 @@ import socket as socket_module
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from dfagent.errors import ConfigError, RequestError
 from nydusfs.config import (
     DEFAULT_DRAGONFLY_SOCKET,
@@ -51,6 +49,7 @@ from nydusfs.config import (
     _show,
     _size,
     _str,
+    read_yaml,
 )
 
 __all__ = [
@@ -152,15 +151,7 @@ def load_config(path: Path | str | None) -> PeerConfig:
     if path is None:
         return PeerConfig()
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read config: {exc}") from exc
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
-    return parse_config(raw, base_dir=path.parent)
+    return parse_config(read_yaml(path), base_dir=path.parent)
 
 
 _TOP = ("id", "supernodes", "listen", "advertise", "socket", "data_dir", "quota", "upload",

@@ -26,8 +26,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from dfagent.errors import ConfigError
 from dfagent.supernode.model import MAX_K
 from nydusfs.config import (
@@ -41,6 +39,7 @@ from nydusfs.config import (
     _show,
     _size,
     _str,
+    read_yaml,
 )
 
 __all__ = [
@@ -111,15 +110,7 @@ def load_config(path: Path | str | None) -> SupernodeConfig:
     if path is None:
         return SupernodeConfig()
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read config: {exc}") from exc
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
-    return parse_config(raw, base_dir=path.parent)
+    return parse_config(read_yaml(path), base_dir=path.parent)
 
 
 def parse_config(raw: object, *, base_dir: Path) -> SupernodeConfig:
