@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Cluster", "PeerProcess", "SupernodeProcess", "free_port", "metric", "wait_until"]
+__all__ = ["Cluster", "PeerProcess", "SupernodeProcess", "assert_same_tree", "free_port", "metric",
+           "wait_until"]
 
 START_TIMEOUT = 30.0  # seconds for a process to log that it listens (a loaded 2-core machine)
 STOP_GRACE = 10.0
@@ -282,3 +283,14 @@ class Cluster:
 
     def peers(self) -> Iterator[PeerProcess]:
         return (p for p in self.processes if isinstance(p, PeerProcess))
+
+
+def assert_same_tree(mnt: Path, tree: Path) -> int:
+    """Every file under ``tree`` reads back identically under ``mnt``; bytes compared."""
+    total = 0
+    for path in sorted(tree.rglob("*")):
+        if path.is_file():
+            got = (mnt / path.relative_to(tree)).read_bytes()
+            assert got == path.read_bytes(), f"{path.relative_to(tree)} differs"
+            total += len(got)
+    return total

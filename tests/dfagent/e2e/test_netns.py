@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cluster import metric
+from cluster import assert_same_tree, metric
 from oci.images import nydusfs, pull_manifest
 from registry_server import RegistryServer, push_oci_dirs
 
@@ -117,17 +117,6 @@ def lab_cluster(lab_reason: str | None, tmp_path: Path) -> Iterator[LabCluster]:
         lab.down()
 
 
-def read_all(mnt: Path, tree: Path) -> int:
-    """Every file under ``tree`` reads back identically under ``mnt``; bytes compared."""
-    total = 0
-    for path in sorted(tree.rglob("*")):
-        if path.is_file():
-            got = (mnt / path.relative_to(tree)).read_bytes()
-            assert got == path.read_bytes(), f"{path.relative_to(tree)} differs"
-            total += len(got)
-    return total
-
-
 def wait_announced(cluster: LabCluster, peer: str, want: int, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -156,13 +145,13 @@ def test_three_peers_in_namespaces_registry_serves_each_byte_once(
         assert view is not None and view["address"] == f"http://{c.h(n).ip}:8002", view
 
     c.mount_all(ref, {"a": c.mount_config("a", "dragonfly", prefetch_all=False)})
-    assert read_all(c.mounts["a"].mnt, image.tree) > 3 * MiB
+    assert assert_same_tree(c.mounts["a"].mnt, image.tree) > 3 * MiB
     assert c.peer_status("a")["store"]["chunks"] == image.chunks
     wait_announced(c, "a", image.chunks)
 
     for node in ("b", "c"):
         c.mount_all(ref, {node: c.mount_config(node, "dragonfly", prefetch_all=False)})
-        read_all(c.mounts[node].mnt, image.tree)
+        assert_same_tree(c.mounts[node].mnt, image.tree)
         assert c.peer_status(node)["store"]["chunks"] == image.chunks
         wait_announced(c, node, image.chunks)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster import Cluster, PeerProcess, metric, wait_until
+from cluster import Cluster, PeerProcess, assert_same_tree, metric, wait_until
 from fs.conftest import NydusMount
 from oci.images import RefMount, blob_gets, nydusfs, pull_manifest
 from registry_server import RegistryServer, push_oci_dirs
@@ -116,17 +116,6 @@ def mount_via(peer: PeerProcess | Path, image: Image, tmp: Path, mounts: list[Ny
     m = RefMount(image.ref, tmp / f"mnt-{name}", "--config", cfg)
     mounts.append(m)
     return m
-
-
-def assert_same_tree(mnt: Path, tree: Path) -> int:
-    """Every file under ``tree`` reads back identically under ``mnt``; bytes compared."""
-    total = 0
-    for path in sorted(tree.rglob("*")):
-        if path.is_file():
-            got = (mnt / path.relative_to(tree)).read_bytes()
-            assert got == path.read_bytes(), f"{path.relative_to(tree)} differs"
-            total += len(got)
-    return total
 
 
 def registry_served(image: Image, since: int) -> dict[str, int]:
