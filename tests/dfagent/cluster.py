@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import queue
 import re
 import signal
@@ -32,6 +31,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from supernode.helpers import stop_process
 
 __all__ = ["Cluster", "PeerProcess", "SupernodeProcess", "assert_same_tree", "free_port", "metric",
            "wait_until"]
@@ -121,21 +122,9 @@ class _Process:
 
     def stop(self, sig: int = signal.SIGTERM) -> int | None:
         """Signal by PID (SIGCONT too, in case it was stopped); SIGKILL after the grace."""
-        proc = self.proc
-        if proc is None:
+        if self.proc is None:
             return None
-        if proc.poll() is None:
-            for s in (sig, signal.SIGCONT):
-                try:
-                    os.kill(proc.pid, s)
-                except ProcessLookupError:
-                    break
-            try:
-                proc.wait(STOP_GRACE)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(STOP_GRACE)
-        return proc.returncode
+        return stop_process(self.proc, sig, STOP_GRACE)
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
