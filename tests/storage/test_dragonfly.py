@@ -110,7 +110,8 @@ def test_reads_through_the_agent_and_back_to_source_when_it_dies(
             # refetch, the agent drops its copy and fetches it anew.
             victim = sorted(peer.store.digests())[0]
             path = peer.store.path_of(victim)
-            path.write_bytes(path.read_bytes()[:-1] + b"\x00")
+            raw = path.read_bytes()
+            path.write_bytes(raw[:-1] + bytes([raw[-1] ^ 0xFF]))  # always a change
             fs2 = _fs(img, peer.socket)
             rec = fs2.boot.find_chunk(bytes.fromhex(victim))
             assert rec is not None
