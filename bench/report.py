@@ -287,6 +287,25 @@ def read_section(r: dict[str, Any] | None) -> list[str]:
     return out
 
 
+def _current_reruns(reruns: list[dict[str, Any]]
+                    ) -> list[tuple[dict[str, Any], dict[str, list[str]]]]:
+    """Each rerun with the (dataset, phases) whose samples are still its own, oldest first.
+
+    A later rerun of the same phase replaced its samples, and the earlier one's note (which
+    compares with the code of its day) no longer describes the table: it is left out.
+    """
+    seen: set[tuple[str, str]] = set()
+    out: list[tuple[dict[str, Any], dict[str, list[str]]]] = []
+    for rerun in reversed(reruns):
+        current = {ds: [ph for ph in phases if (ds, ph) not in seen]
+                   for ds, phases in rerun["what"].items()}
+        current = {ds: phases for ds, phases in current.items() if phases}
+        seen.update((ds, ph) for ds, phases in rerun["what"].items() for ph in phases)
+        if current:
+            out.append((rerun, current))
+    return out[::-1]
+
+
 def _meta_tables(r: dict[str, Any]) -> list[str]:
     out = ["### Metadata walks: `find MNT -xdev | wc -l` and `ls -lR MNT > /dev/null`", ""]
     names = [n for n in ("meta", "rootfs") if n in r["datasets"]]
@@ -300,9 +319,9 @@ def _meta_tables(r: dict[str, Any]) -> list[str]:
         "squashfuse, cold and warm, find and ls).",
         "",
     ]
-    for rerun in r.get("reruns", []):
+    for rerun, current in _current_reruns(r.get("reruns", [])):
         what = "; ".join(f"{', '.join(phases)} on the {_DATASET_LABELS.get(ds, ds)}"
-                         for ds, phases in rerun["what"].items())
+                         for ds, phases in current.items())
         out += [
             f"*Rerun alone* ({what}): medians of {rerun['runs']} runs measured "
             f"{rerun['date']}, {rerun['revision']}, every target again in rotating order "
@@ -340,13 +359,43 @@ def _meta_tables(r: dict[str, Any]) -> list[str]:
         "so the kernel instantiates no inode for entries nobody stats; the next listings of a "
         "walk are decoded ahead, while the daemon waits for the walker (`nydusfs/fs/fuse.py`).",
         "",
+        "The daemon serves metadata from a copy of the bootstrap in memory "
+        "(`read.bootstrap_memory`), read by a background thread once the mount is ready, so a "
+        "cold walk does not page the bootstrap back in from disk one 4 KiB fault at a time "
+        "on the event loop.",
+        "",
         "Here *x squashfuse* is a time ratio (below 1 = faster than squashfuse). `ls -l` asks "
         "every file for two extended attributes (`lgetxattr security.selinux`, `getxattr "
-        "system.posix_acl_access`, both absent); the kernel caches no xattr answer for FUSE, "
-        "so each is a round trip to the daemon, cold or warm, which is why `ls -lR` costs "
-        "about the same on every FUSE target.",
+        "system.posix_acl_access`); the kernel caches no xattr answer of a FUSE filesystem, "
+        "so on squashfuse each is a round trip to the daemon, cold or warm: most of its "
+        "`ls -lR` time. " + _xattr_sentence(r, names),
         "",
     ]
+    return out
+
+
+def _xattr_sentence(r: dict[str, Any], names: list[str]) -> str:
+    """What nydusfs does about those round trips, and which numbers show it.
+
+    ``build.nydusfs_xattrs`` (the image's xattr count) is recorded since nydusfs answers an
+    image without xattrs that way; a dataset without it was measured before.
+    """
+    counts = {n: r["datasets"][n]["build"].get("nydusfs_xattrs") for n in names}
+    out = ("For an image without any extended attribute, nydusfs answers the first xattr "
+           "request of a mount with ENOSYS: the kernel then treats the mount as a filesystem "
+           "without xattr support and answers every later request itself (EOPNOTSUPP, or no "
+           "ACL), and `ls` stops asking for SELinux labels on it after the first EOPNOTSUPP; "
+           "an image with xattrs is answered per file, as squashfuse answers every image.")
+    none = [_DATASET_LABELS.get(n, n) for n, c in counts.items() if c == 0]
+    some = [_DATASET_LABELS.get(n, n) for n, c in counts.items() if c]
+    before = [_DATASET_LABELS.get(n, n) for n, c in counts.items() if c is None]
+    if none:
+        out += f" The image of the {' and of the '.join(none)} has none."
+    if some:
+        out += f" The image of the {' and of the '.join(some)} has some."
+    if before:
+        out += (f" The numbers of the {' and of the '.join(before)} were measured before "
+                "this, with a round trip per request.")
     return out
 
 

@@ -183,6 +183,9 @@ class ReadConfig:
     merge_window: int = 128 * KiB  # neighbouring chunks closer than this are fetched together
     cache_chunks: int = 64 * MiB  # bytes of decompressed chunks kept in the memory LRU
     readahead_chunks: int = 8  # chunks fetched ahead of a sequential reader; 0 = off
+    # A bootstrap up to this size is copied into memory once the mount is ready (metadata
+    # served without page faults, immune to the file changing); 0 = always keep it mapped.
+    bootstrap_memory: int = 256 * MiB
 
 
 @dataclass(frozen=True, slots=True)
@@ -427,9 +430,10 @@ def _fuse(raw: object) -> FuseConfig:
 
 def _read(raw: object) -> ReadConfig:
     d = _section(raw, "read")
-    _check_keys(d, "read", ("merge_window", "cache_chunks", "readahead_chunks"))
+    _check_keys(d, "read", ("merge_window", "cache_chunks", "readahead_chunks",
+                            "bootstrap_memory"))
     kw: dict[str, object] = {}
-    for key in ("merge_window", "cache_chunks"):
+    for key in ("merge_window", "cache_chunks", "bootstrap_memory"):
         if key in d:
             kw[key] = _size(d[key], f"read.{key}", minimum=0)
     if "readahead_chunks" in d:

@@ -8,18 +8,25 @@ bootstrap raises ``FormatError`` and can never cause an out-of-bounds read or an
 another kind. ``check()`` validates everything at once: structure, sorting, link counts and the
 whole Merkle tree.
 
+A mapped bootstrap can be made *resident* (``loader`` + ``adopt``): its bytes copied into
+memory, so that metadata is served without page faults however the page cache is pressed, and
+cannot change or vanish (a truncated file under an mmap is SIGBUS) if someone rewrites the file
+while it is mounted. The copy is read from the same open file, checked against the header
+checksum and swapped in by the caller between requests.
+
 This module never touches blobs or the network.
 """
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import stat
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import Any
+from typing import Any, BinaryIO
 
 from nydusfs.errors import FormatError, IntegrityError
 from nydusfs.format import layout as L
@@ -47,6 +54,8 @@ _INODE_SIZE = L.INODE.size
 _DIRENT_ITER = L.DIRENT.iter_unpack
 _DIRENT_SIZE = L.DIRENT.size
 _S_IFMT = 0o170000
+_S_IFREG = stat.S_IFREG
+_S_IFDIR = stat.S_IFDIR
 # Byte values, not b"/": `bytes in bytes` first tries the operand as an integer and formats a
 # TypeError for it, several times slower than an `int in bytes` scan.
 _SLASH = ord("/")
@@ -56,8 +65,10 @@ _NUL = 0
 class Bootstrap:
     """A validated view over bootstrap bytes (usually an mmap of the file)."""
 
-    def __init__(self, buf: bytes | mmap.mmap, *, name: str = "bootstrap") -> None:
+    def __init__(self, buf: bytes | mmap.mmap, *, name: str = "bootstrap",
+                 file: BinaryIO | None = None) -> None:
         self._buf = buf
+        self._file = file  # what ``buf`` maps, kept open for ``loader``; closed by ``close``
         self.name = name
         self.header = self._parse_header()
         t = self.header.tables
@@ -75,17 +86,23 @@ class Bootstrap:
     def open(cls, path: str | os.PathLike[str]) -> Bootstrap:
         """Map the file read-only; raise ``FormatError`` if it is not a usable bootstrap."""
         try:
-            with open(path, "rb") as f:
+            f = open(path, "rb")  # noqa: SIM115 (kept open for ``loader``; ``close`` closes it)
+        except OSError as exc:
+            raise FormatError(f"{path}: cannot read bootstrap: {exc.strerror}") from exc
+        buf: mmap.mmap | None = None
+        try:
+            try:
                 size = os.fstat(f.fileno()).st_size
                 if size < L.HEADER_SIZE:
                     raise FormatError(f"{path}: {size} bytes is too short for a bootstrap")
                 buf = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
-        except OSError as exc:
-            raise FormatError(f"{path}: cannot read bootstrap: {exc.strerror}") from exc
-        try:
-            return cls(buf, name=os.fspath(path))
+            except OSError as exc:
+                raise FormatError(f"{path}: cannot read bootstrap: {exc.strerror}") from exc
+            return cls(buf, name=os.fspath(path), file=f)
         except BaseException:
-            buf.close()
+            if buf is not None:
+                buf.close()
+            f.close()
             raise
 
     @classmethod
@@ -95,6 +112,82 @@ class Bootstrap:
     def close(self) -> None:
         if isinstance(self._buf, mmap.mmap):
             self._buf.close()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    # ---- residency ----------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """Bytes of the bootstrap."""
+        return len(self._buf)
+
+    @property
+    def resident(self) -> bool:
+        """Whether records are read from memory (``from_bytes``, or ``adopt``) not a mapping."""
+        return not isinstance(self._buf, mmap.mmap)
+
+    def loader(self) -> Callable[[], bytes] | None:
+        """A function returning a verified in-memory copy of this bootstrap, for ``adopt``.
+
+        None if there is nothing to load (already resident, or closed). The function may run in
+        another thread (it blocks, with the GIL released, in ``pread`` and blake3) while this
+        object keeps serving: it owns a duplicate of the file descriptor, taken here, so closing
+        the bootstrap meanwhile cannot make it read another file. It reads the bytes the mapping
+        shows, from the same open file (the same inode, even if the path was replaced since),
+        and raises ``IntegrityError`` unless they match the header's checksum (the file was
+        corrupted or rewritten; the mapping keeps serving then) and ``FormatError`` if the file
+        cannot be read in full.
+        """
+        buf = self._buf
+        if not isinstance(buf, mmap.mmap) or buf.closed or self._file is None:
+            return None
+        try:
+            fd = os.dup(self._file.fileno())
+        except OSError as exc:
+            raise FormatError(f"{self.name}: cannot read bootstrap: {exc.strerror}") from exc
+        size, name, checksum = len(buf), self.name, self.header.checksum
+
+        def load() -> bytes:
+            try:
+                pieces: list[bytes] = []
+                got = 0
+                while got < size:
+                    piece = os.pread(fd, size - got, got)
+                    if not piece:
+                        raise FormatError(f"{name}: file shrank to {got} bytes while mounted")
+                    pieces.append(piece)
+                    got += len(piece)
+            except OSError as exc:
+                raise FormatError(f"{name}: cannot read bootstrap: {exc.strerror}") from exc
+            finally:
+                os.close(fd)
+            data = b"".join(pieces)  # the one piece itself, in the usual case
+            if L.bootstrap_checksum(data) != checksum:
+                raise IntegrityError(f"{name}: header checksum mismatch (bootstrap corrupted "
+                                     "or rewritten while mounted)")
+            return data
+
+        return load
+
+    def adopt(self, data: bytes) -> None:
+        """Serve records from ``data`` (what ``loader``'s function returned) from now on.
+
+        Not thread safe: call it where the records are read (the event loop), never while
+        another thread reads records. ``data`` must have this bootstrap's size and header
+        (``FormatError`` otherwise); the mapping is released.
+        """
+        old = self._buf
+        if isinstance(old, mmap.mmap) and old.closed:
+            raise self._fail("closed")
+        if len(data) != len(old) or data[: L.HEADER_SIZE] != old[: L.HEADER_SIZE]:
+            raise self._fail("in-memory copy does not match the mapped bootstrap")
+        self._buf = data
+        if isinstance(old, mmap.mmap):
+            # A view of it still alive somewhere (BufferError): it goes when the view does.
+            with contextlib.suppress(BufferError):
+                old.close()
 
     def __enter__(self) -> Bootstrap:
         return self
@@ -255,6 +348,8 @@ class Bootstrap:
             buf = self._buf
             n_inodes, n_strings = self._n_inodes, self._n_strings
             strings_at, inodes_at = self._strings_at, self._inodes_at
+            n_xattrs, n_dirents = self._cnt["xattrs"], self._cnt["dirents"]
+            n_chunkrefs = self._cnt["chunkrefs"]
             check_inode = self._check_inode
             at = self._off["dirents"] + (d.data_index + first) * _DIRENT_SIZE
             run = buf[at : at + (d.data_count - first) * _DIRENT_SIZE]
@@ -269,10 +364,24 @@ class Bootstrap:
                     self.dirent(index)  # raises the error dirent() gives for this record
                     raise self._fail(f"dirent {index}: invalid")  # not reached
                 f = _INODE_HEAD_UNPACK(buf, inodes_at + (child - 1) * _INODE_SIZE)
-                check_inode(child, f)
+                # _check_inode's checks of a file or directory other than the root (child > 1),
+                # inline: most entries are those. Anything else (or anything wrong) takes the
+                # full check, which raises its error or passes a valid other type.
+                mode = f[0]
+                ftype = mode & _S_IFMT
+                if ftype == _S_IFREG:
+                    limit = n_chunkrefs
+                elif ftype == _S_IFDIR:
+                    limit = n_dirents
+                else:
+                    limit = -1
+                if (limit < 0 or mode & ~0o177777 or f[6] >= 1_000_000_000
+                        or not 1 <= f[7] <= n_inodes or f[12] + f[11] > n_xattrs
+                        or f[9] + f[10] > limit):
+                    check_inode(child, f)
                 names.append(name)
                 inos.append(child)
-                modes.append(f[0])
+                modes.append(mode)
                 index += 1
         return Listing(names, inos, modes)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -31,6 +32,8 @@ from nydusfs.format.records import ChunkRecord, Inode, Listing
 from nydusfs.storage.base import Backend, ChunkInfo, RangeRequest
 
 __all__ = ["Attr", "ChunkStore", "FsError", "FsObserver", "FsStats", "ImageFS"]
+
+log = logging.getLogger(__name__)
 
 BLOCK = 512
 # Chunks up to this size are decoded on the event loop: verifying and decompressing 64 KiB
@@ -84,6 +87,7 @@ class FsStats:
     readahead_errors: int = 0
     store_hits: int = 0
     fetched_by_blob: dict[int, int] = field(default_factory=dict)
+    bootstrap_resident_bytes: int = 0  # the bootstrap's copy in memory (0: mapped, see ImageFS)
 
 
 class _ChunkLRU:
@@ -142,6 +146,13 @@ class ImageFS:
 
     On-demand reads have priority over background work: ``chunks(..., background=True)``
     (the prefetcher) waits while any on-demand read is in progress.
+
+    Metadata residency (``bootstrap_memory``): the bootstrap starts mapped, so mounting costs
+    the same whatever its size; ``load_bootstrap`` (run once the mount is ready) then copies
+    a bootstrap of at most ``bootstrap_memory`` bytes into memory in a thread and swaps it in
+    between two requests, as nydusd's RAFS v5 loads its bootstrap. Mapped, every metadata page
+    the page cache dropped (memory pressure, ``drop_caches``) comes back by a page fault, one
+    4 KiB page at a time, on the event loop; in memory a walk never waits for the disk.
     """
 
     MAX_DEPTH = 4096  # steps up the parent links when tracing (a path has at most 2048)
@@ -158,8 +169,10 @@ class ImageFS:
         observer: FsObserver | None = None,
         readahead_chunks: int = 0,
         access_trace: BinaryIO | None = None,
+        bootstrap_memory: int = 0,
     ) -> None:
         self.boot = boot
+        self._bootstrap_memory = bootstrap_memory
         self.backend = backend
         self.store = store
         self.observer = observer
@@ -190,6 +203,37 @@ class ImageFS:
         self.last_read_at: float | None = None
 
     # ---- metadata ---------------------------------------------------------------------
+
+    @property
+    def has_xattrs(self) -> bool:
+        """Whether any inode of the image has an extended attribute."""
+        return self.boot.header.count("xattrs") > 0
+
+    async def load_bootstrap(self) -> bool:
+        """Copy the bootstrap into memory if it is at most ``bootstrap_memory`` bytes.
+
+        The file is read and checked (header checksum) in a thread while requests go on being
+        answered from the mapping; the copy replaces it here, on the event loop, between two
+        requests. True if the bootstrap is now in memory. Never raises for a bootstrap that
+        cannot be loaded (unreadable, or failing its checksum): it stays mapped, as it was,
+        and the reason is logged.
+        """
+        boot = self.boot
+        if boot.resident:
+            return True
+        if not 0 < boot.size <= self._bootstrap_memory:
+            return False
+        try:
+            load = boot.loader()
+            if load is None:  # closed meanwhile
+                return False
+            data = await asyncio.to_thread(load)
+            boot.adopt(data)
+        except FormatError as exc:
+            log.warning("bootstrap stays mapped: %s", exc)
+            return False
+        self.stats.bootstrap_resident_bytes = len(data)
+        return True
 
     def _inode(self, ino: int) -> Inode:
         try:
@@ -461,6 +505,24 @@ class ImageFS:
             self._foreground -= 1
             if self._foreground == 0:
                 idle.set()
+
+    async def warm(self, records: Sequence[ChunkRecord]) -> list[ChunkRecord]:
+        """Background work for a backend with a node-level store (``backend.warms``): have
+        ``records`` in that store without reading them here; return those it does not hold,
+        for the caller to read with ``chunks``. Waits for on-demand reads, as ``chunks(...,
+        background=True)`` does. Why: ``storage.base``, "Node-level stores"."""
+        if not records or not getattr(self.backend, "warms", False):
+            return list(records)
+        idle = self._idle_event()
+        while self._foreground:
+            await idle.wait()
+        requests = [self._range([rec])[0] for rec in records]
+        try:
+            held = await self.backend.warm(requests)
+        except StorageError as exc:
+            log.info("warming %d chunks failed (%s); reading them instead", len(records), exc)
+            return list(records)
+        return [rec for rec, ok in zip(records, held, strict=True) if not ok]
 
     async def _chunks(self, records: Sequence[ChunkRecord], keep_in_memory: bool) -> list[bytes]:
         obs = self.observer
