@@ -23,7 +23,16 @@ that line arrives on runc's stdout:
   overlay (tmpfs upper) over the mount, then ``runc run`` with the same Cmd/Env/WorkingDir;
 - ``nydusfs-prefetch``: the same with an image converted with ``--prefetch TRACE``, TRACE being
   the access trace of one unmeasured start (a profiling run, as a user would make it): those
-  files' chunks come first in the blob and the mount fetches them in the background at once.
+  files' chunks come first in the blob and the mount fetches them in the background at once;
+- ``nydusfs-service`` / ``nydusfs-prefetch-service``: the same two, the mount handed to the
+  resident mount service (``nydusfs service``, nydusfs/service.py), which forks the daemon
+  from a process that has imported everything already. The service is started once in
+  ``dfb-node`` before the samples and is not timed, as nydusd/nydus-snapshotter and the stargz
+  snapshotter run before a container starts; the rows without ``-service`` pass
+  ``--service never`` (the client forks its own daemon, as without a service). The page cache
+  is still dropped before every sample, also the service's pages (its shared libraries, the
+  Python modules it imported): what stays warm is only what a resident process keeps mapped
+  and the kernel did not evict.
 
 Before every sample the page cache is dropped and every cache the method has is fresh (new
 OCI layout and bundle; new nydusfs cache directory), so each run is a cold start.
@@ -92,6 +101,7 @@ NYDUSFS = [sys.executable, "-m", "nydusfs.cli"]
 REG_NS, NODE_NS = "dfb-reg", "dfb-node"
 REG_IP, NODE_IP = "10.214.77.1", "10.214.77.2"
 REG_ADDR = f"{REG_IP}:5000"
+METHODS = ("full", "nydusfs", "nydusfs-prefetch", "nydusfs-service", "nydusfs-prefetch-service")
 OCI_REPO, NYDUS_REPO = "bench/python:oci", "bench/python:nydus"
 PREFETCH_REPO = "bench/python:nydus-prefetch"
 # How the nydusfs images are converted (see the module docstring).
@@ -263,18 +273,55 @@ def full_pull(work: Path, runc: Runc, link: Link) -> dict[str, Any]:
             "run": ready - (t_unpack - t0), "wire_bytes": wire}
 
 
-class NydusMount:
-    """``nydusfs mount REF`` in the node namespace (daemon in the background), torn down by
-    ``close()``: ``nydusfs umount``, then the daemon's PID waited for (SIGKILL if it hangs)."""
+class MountService:
+    """``nydusfs service`` in the node namespace, started once before the samples; ``stop()``
+    sends SIGTERM by PID (SIGKILL if it hangs)."""
 
     def __init__(self, work: Path) -> None:
+        self.sock = work / "service.sock"
+        self.log = work / "service.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [*netns_prefix(NODE_NS), *NYDUSFS, "service", "--socket", str(self.sock)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        proc = self.proc
+        _wait_until(lambda: self.sock.exists() or proc.poll() is not None,
+                    "the mount service's socket")
+        if proc.poll() is not None:
+            raise BenchError(f"nydusfs service exited: {self.log.read_text()[-500:]}")
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=WAIT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=WAIT)
+
+
+class NydusMount:
+    """``nydusfs mount REF`` in the node namespace (daemon in the background; through the
+    mount service at ``service`` if given, else ``--service never``), torn down by
+    ``close()``: ``nydusfs umount``, then the daemon's PID waited for (SIGKILL if it hangs)."""
+
+    def __init__(self, work: Path, service: Path | None = None) -> None:
         self.mnt = work / "nydus-mnt"
         self.pid: int | None = None
+        self.service = service
 
     def mount(self, ref: str, config: Path) -> None:
         self.mnt.mkdir(parents=True, exist_ok=True)
+        how = (["--service", "always", "--service-socket", str(self.service)]
+               if self.service is not None else ["--service", "never"])
         out = run([*netns_prefix(NODE_NS), *NYDUSFS, "mount", ref, str(self.mnt), "--config",
-                   str(config), "--background"], timeout=STEP_TIMEOUT, what="nydusfs mount")
+                   str(config), "--background", *how], timeout=STEP_TIMEOUT,
+                  what="nydusfs mount")
         m = re.search(r"daemon pid (\d+)", out)
         self.pid = int(m.group(1)) if m else None
         if not os.path.ismount(self.mnt):
@@ -321,12 +368,13 @@ def traced_bytes(trace: Path, root: Path) -> tuple[int, int]:
 
 
 def nydus_start(work: Path, runc: Runc, link: Link, ref: str, image_config: dict[str, Any],
-                template: dict[str, Any], ref_tree: Path, keep_trace: Path | None = None
-                ) -> dict[str, Any]:
+                template: dict[str, Any], ref_tree: Path, keep_trace: Path | None = None,
+                service: Path | None = None) -> dict[str, Any]:
     """nydusfs mount REF + overlay + runc run; times, wire bytes, the mount's counters.
 
     The access trace is written when the mount goes away; the files in it are sized in
     ``ref_tree`` (the same image unpacked by umoci) and the trace kept in ``keep_trace``.
+    ``service``: the mount service's socket, to mount through it.
     """
     run_dir = work / "nydus-run"
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -337,7 +385,7 @@ def nydus_start(work: Path, runc: Runc, link: Link, ref: str, image_config: dict
         "backend:\n  type: registry\n  registry: {plain_http: true}\n"
         f"cache: {{enabled: true, dir: {run_dir / 'cache'}}}\n"
         f"access_trace: {trace}\n")
-    mount = NydusMount(work)
+    mount = NydusMount(work, service)
     rw, merged, bundle = run_dir / "rw", run_dir / "merged", run_dir / "bundle"
     for d in (rw, merged, bundle):
         d.mkdir()
@@ -453,7 +501,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-nydusfs", action="store_true",
                     help="measure the full pull only (nydusfs convert / mount REF pending)")
     ap.add_argument("--no-prefetch", action="store_true",
-                    help="skip the variant converted with a prefetch list")
+                    help="skip the variants converted with a prefetch list")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help="comma-separated subset of " + ", ".join(METHODS))
     args = ap.parse_args(argv)
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
         print("coldstart_bench: needs root and /dev/fuse", file=sys.stderr)
@@ -469,11 +519,18 @@ def main(argv: list[str] | None = None) -> int:
     if not with_nydus:
         print("coldstart_bench: `nydusfs convert` / `mount REF` not available: full pull only",
               file=sys.stderr)
-    methods = ["full"]
-    if with_nydus:
-        methods += ["nydusfs"] + ([] if args.no_prefetch else ["nydusfs-prefetch"])
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = set(methods) - set(METHODS)
+    if unknown or "full" not in methods:
+        raise SystemExit(f"coldstart_bench: --methods: need full, and only {', '.join(METHODS)}")
+    if not with_nydus:
+        methods = ["full"]
+    if args.no_prefetch:
+        methods = [m for m in methods if "prefetch" not in m]
     refs = {"nydusfs": f"{REG_ADDR}/{NYDUS_REPO}",
             "nydusfs-prefetch": f"{REG_ADDR}/{PREFETCH_REPO}"}
+    for m in methods:
+        refs.setdefault(m, refs.get(m.removesuffix("-service"), ""))
     work: Path = args.workdir
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -481,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     link = Link()
     runc = Runc(work / "runc-state")
     registry: Registry | None = None
+    service = MountService(work)
     samples: dict[str, dict[str, list[dict[str, Any]]]] = {
         r: {m: [] for m in methods} for r in rates}
     try:
@@ -490,8 +548,10 @@ def main(argv: list[str] | None = None) -> int:
         link.up()
         registry = Registry(work / "registry", addr=REG_ADDR, netns=REG_NS, storage=storage)
         registry.start()
-        if "nydusfs-prefetch" in methods:
+        if any("prefetch" in m for m in methods):
             prep["nydus_prefetch"] = profile_and_convert(work, runc, link, prep, template)
+        if any(m.endswith("-service") for m in methods):
+            service.start()  # once, not timed: a resident service, like nydusd's
         for rate in rates:
             link.shape(rate)
             for rnd in range(args.runs):
@@ -501,7 +561,9 @@ def main(argv: list[str] | None = None) -> int:
                         s = full_pull(work, runc, link)
                     else:
                         s = nydus_start(work, runc, link, refs[method], prep["image_config"],
-                                        template, work / "ref" / "rootfs")
+                                        template, work / "ref" / "rootfs",
+                                        service=(service.sock if method.endswith("-service")
+                                                 else None))
                     s["loadavg"] = os.getloadavg()[0]  # the machine is shared: how busy
                     samples[rate][method].append(s)
                     extra = (f"pull {s['pull']:.1f} s, unpack {s['unpack']:.1f} s"
@@ -515,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"coldstart_bench: {exc}", file=sys.stderr)
         return 1
     finally:
+        service.stop()
         if registry is not None:
             registry.stop()
         runc.close()
@@ -533,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "machine": machine_info(),
         "command": "make bench-coldstart   # .venv/bin/python bench/coldstart_bench.py "
-                   "--runs N",
+                   f"--runs {args.runs}",
         "convert_flags": list(CONVERT_FLAGS),
         "runs": args.runs,
         "rates": {r: mbit_to_bytes(r) for r in rates},

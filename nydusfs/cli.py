@@ -1,4 +1,5 @@
-"""The ``nydusfs`` command line: build, convert, push, inspect, check, mount, umount, stat.
+"""The ``nydusfs`` command line: build, convert, push, inspect, check, mount, umount, stat,
+service.
 
 A thin edge: parse arguments, call the library, print. Every deliberate error is a
 ``NydusfsError`` and becomes one line on stderr and exit status 1 (usage errors: 2), never a
@@ -99,11 +100,24 @@ def _parser() -> argparse.ArgumentParser:
                    help="mount configuration (YAML); see docs/configuration.md")
     m.add_argument("--background", action="store_true",
                    help="return once the mount is ready, leaving a daemon serving it")
+    m.add_argument("--service", choices=["auto", "always", "never"], default=None,
+                   help="with --background: have the mount service (`nydusfs service`) fork "
+                        "the daemon: auto (default; $NYDUSFS_SERVICE) when its socket answers, "
+                        "else fork one here; always; never")
+    m.add_argument("--service-socket", type=Path, metavar="PATH",
+                   help="the mount service's socket (default: $NYDUSFS_SERVICE_SOCKET or "
+                        "/run/nydusfs/service.sock)")
     # For a supervisor that runs the daemon itself: "1" on this fd once the mount is ready;
     # a log file to remove at exit if it stayed empty.
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     m.add_argument("--log-file", type=Path, help=argparse.SUPPRESS)
     _add_registry_flags(m, platform=True)
+
+    sv = sub.add_parser("service", help="run the resident mount service: `mount --background` "
+                                         "then starts in milliseconds")
+    sv.add_argument("--socket", type=Path, metavar="PATH",
+                    help="listen here (default: $NYDUSFS_SERVICE_SOCKET or "
+                         "/run/nydusfs/service.sock; made mode 0600)")
 
     u = sub.add_parser("umount", help="unmount a nydusfs mount (the daemon then exits)")
     u.add_argument("mountpoint", type=Path)
@@ -486,13 +500,37 @@ def _check_remote_blobs(args: argparse.Namespace, boot: Bootstrap, ref: Any) -> 
 
 
 def _cmd_mount(args: argparse.Namespace) -> int:
-    from nydusfs.mount import mount_background, mount_foreground
-
-    remote = _remote_options(args)
+    remote = _remote_options(args)  # once: --password-stdin consumes stdin
     if args.background:
+        mode = args.service or os.environ.get("NYDUSFS_SERVICE") or "auto"
+        if mode not in ("auto", "always", "never"):
+            raise NydusfsError(f"NYDUSFS_SERVICE: expected auto, always or never, got {mode!r}")
+        if mode != "never":
+            # Only the standard library's socket and json until the service answers: this
+            # is all a mount through the service costs the client (`python -X importtime`).
+            from nydusfs.mount import process_start_time
+            from nydusfs.service import ServiceUnavailable, mount_via_service, socket_path
+
+            try:
+                return mount_via_service(socket_path(args.service_socket), args.bootstrap,
+                                         args.mountpoint, args.config, remote,
+                                         started=process_start_time())
+            except ServiceUnavailable:
+                if mode == "always":
+                    raise
+        from nydusfs.mount import mount_background
+
         return mount_background(args.bootstrap, args.mountpoint, args.config, remote)
+    from nydusfs.mount import mount_foreground
+
     return mount_foreground(args.bootstrap, args.mountpoint, args.config, args.ready_fd,
                             args.log_file, remote)
+
+
+def _cmd_service(args: argparse.Namespace) -> int:
+    from nydusfs.service import run_service, socket_path
+
+    return run_service(socket_path(args.socket))
 
 
 def _cmd_umount(args: argparse.Namespace) -> int:
@@ -516,12 +554,12 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command != "mount":  # the mount daemon handles SIGTERM itself: unmount, exit 0
+    if args.command not in ("mount", "service"):  # those handle SIGTERM themselves
         signal.signal(signal.SIGTERM, _on_sigterm)
     handler = {
         "build": _cmd_build, "convert": _cmd_convert, "push": _cmd_push,
         "inspect": _cmd_inspect, "check": _cmd_check, "mount": _cmd_mount,
-        "umount": _cmd_umount, "stat": _cmd_stat,
+        "umount": _cmd_umount, "stat": _cmd_stat, "service": _cmd_service,
     }[args.command]
     try:
         return handler(args)

@@ -19,22 +19,18 @@ flags (:class:`RemoteOptions`).
 
 from __future__ import annotations
 
-import asyncio
 import os
-import select
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import time
-import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
+    import asyncio
+
     from nydusfs.config import MountConfig, RegistryConfig
     from nydusfs.fs.model import ImageFS
     from nydusfs.fs.prefetch import Prefetcher
@@ -45,8 +41,8 @@ if TYPE_CHECKING:
 
 from nydusfs.errors import NydusfsError
 
-__all__ = ["RemoteOptions", "fetch_remote_bootstrap", "mount_background", "mount_foreground",
-           "resolve_image_arg", "unmount"]
+__all__ = ["RemoteOptions", "detach", "fetch_remote_bootstrap", "mount_background",
+           "mount_foreground", "process_start_time", "resolve_image_arg", "unmount"]
 
 READY_TIMEOUT = 60.0
 # The prefetch list is what the container reads as it starts: fetched at once, not behind
@@ -158,6 +154,8 @@ def _read_if_intact(path: Path, sha256_hex: str) -> bool:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
+    import tempfile
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".bootstrap-", dir=path.parent)
@@ -194,18 +192,22 @@ def mount_foreground(
     remote: RemoteOptions | None = None,
     *,
     started: float | None = None,
+    on_ready: Callable[[], None] | None = None,
+    marks: dict[str, float] | None = None,
 ) -> int:
     """Mount ``image`` at ``mountpoint`` and serve it until unmounted (see the module doc).
 
-    ``ready_fd`` gets one byte, ``1``, once the mount is ready; ``log_file`` is removed at the
-    end if it stayed empty; ``started`` is when the command began (default: this process's
-    start), the origin of the status API's timeline.
+    ``ready_fd`` gets one byte, ``1``, once the mount is ready, and ``on_ready`` is called
+    then (the mount service's children answer their client with it); ``log_file`` is removed
+    at the end if it stayed empty; ``started`` is when the command began (default: this
+    process's start), the origin of the status API's timeline, to which ``marks`` (times
+    taken before this call, e.g. the service's ``request``) are added.
     """
     from nydusfs.config import load_config
 
     timeline: dict[str, float] = {
         "process_start": started if started is not None else process_start_time(),
-        "mount_start": time.time()}
+        **(marks or {}), "mount_start": time.time()}
     config = load_config(config_path)
     if not mountpoint.is_dir():
         raise NydusfsError(f"{mountpoint}: mountpoint is not a directory")
@@ -242,7 +244,8 @@ def mount_foreground(
     metrics = FsMetrics(backends=[config.backend.type])
     fs = ImageFS(boot, backend, cache_bytes=config.read.cache_chunks,
                  merge_window=config.read.merge_window, store=store, observer=metrics,
-                 readahead_chunks=config.read.readahead_chunks, access_trace=trace)
+                 readahead_chunks=config.read.readahead_chunks, access_trace=trace,
+                 bootstrap_memory=config.read.bootstrap_memory)
     services = _Services(fs, config, label if not isinstance(target, Path) else bootstrap,
                          mountpoint, metrics, store, timeline)
 
@@ -251,6 +254,8 @@ def mount_foreground(
         if ready_fd is not None:
             os.write(ready_fd, b"1")
             os.close(ready_fd)
+        if on_ready is not None:
+            on_ready()
 
     try:
         serve(fs, str(mountpoint), allow_other=config.fuse.allow_other,
@@ -324,6 +329,8 @@ class _Services:
         return inner if isinstance(inner, DragonflyBackend) else None
 
     async def start(self) -> Callable[[], Awaitable[None]]:
+        import asyncio
+
         from nydusfs.fs.api import api_socket_path, start_api
         from nydusfs.fs.prefetch import Prefetcher
         from nydusfs.metrics import (
@@ -380,6 +387,8 @@ def mount_background(image: str | Path, mountpoint: Path, config_path: Path | No
     error there ends the child with the message in the log, which this reads and raises. Only
     this thread may run at the fork (the CLI has started no other and no event loop).
     """
+    import tempfile
+
     log = tempfile.NamedTemporaryFile(  # noqa: SIM115 (handed to the child, kept on success)
         prefix="nydusfs-mount-", suffix=".log", delete=False)
     started = process_start_time()  # the command's start: what a caller waited for
@@ -410,6 +419,8 @@ def mount_background(image: str | Path, mountpoint: Path, config_path: Path | No
 def _wait_ready(r: int, pid: int) -> bool:
     """Whether the daemon ``pid`` wrote its ready byte to ``r`` in time; a daemon that exits
     first is reaped, one that is not ready within ``READY_TIMEOUT`` killed and reaped."""
+    import select
+
     deadline = time.monotonic() + READY_TIMEOUT
     while True:
         left = deadline - time.monotonic()
@@ -435,20 +446,7 @@ def _daemon(image: str | Path, mountpoint: Path, config_path: Path | None,
     ``atexit`` handlers and buffers are the parent's)."""
     status = 1
     try:
-        os.setsid()
-        # A caller that closed its stdin or stdout gave the pipe or the log a number below 3:
-        # move them out of the way of the dup2s below.
-        ready_fd, log_fd = (_fd_above_2(fd) for fd in (ready_fd, log_fd))
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        if devnull != 0:  # 0 when the caller had closed its stdin
-            os.dup2(devnull, 0)
-            os.close(devnull)
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
-        # Nothing else of the caller's (pipes it passed down, say) stays open in a daemon that
-        # outlives it: as a fresh process started with close_fds would have it.
-        os.closerange(3, ready_fd)
-        os.closerange(ready_fd + 1, os.sysconf("SC_OPEN_MAX"))
+        ready_fd = detach(ready_fd, log_fd)
         status = mount_foreground(image, mountpoint, config_path, ready_fd, log_file, remote,
                                   started=started)
     except NydusfsError as exc:
@@ -456,6 +454,8 @@ def _daemon(image: str | Path, mountpoint: Path, config_path: Path | None,
     except OSError as exc:
         print(f"nydusfs: error: {exc}", file=sys.stderr)
     except BaseException:  # a bug: its traceback in the log, never in the caller's terminal
+        import traceback
+
         traceback.print_exc()
     finally:
         try:
@@ -463,6 +463,27 @@ def _daemon(image: str | Path, mountpoint: Path, config_path: Path | None,
             sys.stderr.flush()
         finally:
             os._exit(status)
+
+
+def detach(keep_fd: int, log_fd: int) -> int:
+    """Make this (forked) process a daemon: a new session, ``/dev/null`` as stdin, ``log_fd``
+    as stdout and stderr, every other descriptor but ``keep_fd`` closed; ``keep_fd``'s number
+    afterwards (moved above 2 if it was below)."""
+    os.setsid()
+    # A caller that closed its stdin or stdout gave the pipe or the log a number below 3:
+    # move them out of the way of the dup2s below.
+    keep_fd, log_fd = (_fd_above_2(fd) for fd in (keep_fd, log_fd))
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    if devnull != 0:  # 0 when the caller had closed its stdin
+        os.dup2(devnull, 0)
+        os.close(devnull)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    # Nothing else of the caller's (pipes it passed down, say) stays open in a daemon that
+    # outlives it: as a fresh process started with close_fds would have it.
+    os.closerange(3, keep_fd)
+    os.closerange(keep_fd + 1, os.sysconf("SC_OPEN_MAX"))
+    return keep_fd
 
 
 def _fd_above_2(fd: int) -> int:
@@ -489,6 +510,9 @@ def process_start_time() -> float:
 
 def unmount(mountpoint: Path) -> None:
     """Unmount; the daemon serving it sees the unmount and exits."""
+    import shutil
+    import subprocess
+
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     cmd = [tool, "-u", str(mountpoint)] if tool else ["umount", str(mountpoint)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
