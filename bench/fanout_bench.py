@@ -584,6 +584,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image-mb", type=int, default=200, help="image size, MB compressed")
     ap.add_argument("--methods", default="registry,p2p")
     ap.add_argument("--workdir", type=Path, default=CACHE_DIR / "fanout")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the work directory (logs of the last sample) at the end")
     args = ap.parse_args(argv)
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
         print("fanout_bench: needs root and /dev/fuse", file=sys.stderr)
@@ -678,7 +680,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{m}: {x['seconds']:.1f} s = x{x['time_ratio']:.2f} bound; registry served "
               f"x{x['served_ratio']:.3f} image (wire x{x['wire_ratio']:.3f})", file=sys.stderr)
     print(f"raw results in {path.relative_to(REPO_DIR)}", file=sys.stderr)
-    shutil.rmtree(work, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

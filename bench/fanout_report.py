@@ -58,9 +58,12 @@ def fanout_section(r: dict[str, Any] | None, number: int) -> list[str]:
         f"converted with `nydusfs convert`: {size / MB:.1f} MB of blobs "
         f"(S; bootstrap {img['bootstrap_bytes'] / 1e3:.0f} kB). Every node mounts it at once "
         "with `nydusfs mount REF` and `prefetch: {all: true}`, from empty caches; a node is "
-        "done when its mount reports prefetch `done` (every chunk fetched and verified). "
-        "*registry only*: `backend: registry`; *P2P*: a `dfagent peer` per node and `backend: "
-        f"dragonfly`. Lower bound max(S/u_src, N·S/(u_src + Σu_i)) = {lb:.1f} s "
+        "done when its mount reports prefetch `done`: every chunk fetched and verified into "
+        "the mount's disk cache (*registry only*: `backend: registry`), or into the node "
+        "agent's store, which is the node's cache (*P2P*: a `dfagent peer` per node and "
+        "`backend: dragonfly`; the mount asks its agent to hold every chunk, in blob order, "
+        "and the agents fetch those requests as pipelines sharing the supernode's source "
+        f"leases: docs/dfagent.md). Lower bound max(S/u_src, N·S/(u_src + Σu_i)) = {lb:.1f} s "
         f"(S/u_src = {r['bounds']['source']:.1f} s; with the registry alone N·S/u_src = "
         f"{r['bounds']['registry_only']:.1f} s). Registry egress: HTTP body bytes of blob GETs "
         "in its access log (*served*) and its interface's `tx_bytes` (*wire*, TCP/IP headers "
@@ -156,10 +159,16 @@ def _why_source(s: dict[str, Any]) -> list[str]:
     df = s.get("dragonfly") or {}
     batches = sum(int(d.get("fallbacks", 0)) for d in df.values())
     chunks = sum(int(d.get("fallback_chunks", 0)) for d in df.values())
+    warmed = sum(int(d.get("warmed_chunks", 0)) for d in df.values())
+    read = sum(int(d.get("agent_chunks", 0)) for d in df.values())
+    held = (f" The mounts had their agents hold {warmed} chunks and read {read} through them "
+            "(a chunk held is verified by the agent as it arrives, and by the mount when "
+            "something reads it)." if "warmed_chunks" in next(iter(df.values()), {}) else "")
     return ["", f"In the median sample, the agents fetched {total('leased'):.0f} chunks from "
                 "the registry under a source lease (the supernode chose them to)"
             + (f" and {', '.join(others)}" if others else " and no other")
-            + f"; the mounts read {chunks} chunks ({batches} batches) from it themselves."]
+            + f"; the mounts read {chunks} chunks ({batches} batches) from it themselves."
+            + held]
 
 
 def upload_section(r: dict[str, Any] | None, number: int) -> list[str]:

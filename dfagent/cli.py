@@ -49,7 +49,9 @@ def _cmd_supernode(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if args.listen is not None:
         cfg = replace(cfg, listen=parse_config({"listen": args.listen}, base_dir=Path()).listen)
-    return asyncio.run(_serve_supernode(cfg))
+    from nydusfs.eventloop import run
+
+    return run(_serve_supernode(cfg))
 
 
 async def _serve_supernode(cfg: SupernodeConfig) -> int:
@@ -79,8 +81,9 @@ def _setup_peer(p: argparse.ArgumentParser) -> None:
 
 def _cmd_peer(args: argparse.Namespace) -> int:
     from dfagent.peer.config import load_config
+    from nydusfs.eventloop import run
 
-    return asyncio.run(_serve_peer(load_config(args.config)))
+    return run(_serve_peer(load_config(args.config)))
 
 
 async def _serve_peer(cfg: PeerConfig) -> int:

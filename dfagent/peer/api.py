@@ -120,11 +120,11 @@ def parse_chunks_request(body: object) -> tuple[str, list[ChunkWant], set[str]]:
 def _entry(fetcher: Fetcher, o: Outcome, with_path: bool) -> dict[str, Any]:
     if o.error is not None:
         return {"digest": o.digest, "status": o.error.code, "message": str(o.error)}
+    if o.digest not in fetcher.store:  # fetched but not kept (quota, disk trouble)
+        return {"digest": o.digest, "status": "unavailable",
+                "message": "fetched but could not be stored; ask for bytes"}
     entry: dict[str, Any] = {"digest": o.digest, "status": "ok", "origin": o.origin}
     if with_path:
-        if o.digest not in fetcher.store:  # fetched but not kept (quota, disk trouble)
-            return {"digest": o.digest, "status": "unavailable",
-                    "message": "fetched but could not be stored; ask for bytes"}
         entry["path"] = str(fetcher.store.path_of(o.digest))
     return entry
 
@@ -139,7 +139,8 @@ async def _body(request: web.Request) -> object:
 async def _chunks(request: web.Request) -> web.StreamResponse:
     fetcher = request.app[FETCHER]
     deliver, wants, refetch = parse_chunks_request(await _body(request))
-    outcomes = await fetcher.get_many(wants, refetch=refetch)
+    # Chunks nobody reads yet (deliver none: prefetch, preheat) come as a pipeline.
+    outcomes = await fetcher.get_many(wants, refetch=refetch, bulk=deliver == "none")
     if deliver != "bytes":
         return web.json_response({"chunks": [_entry(fetcher, o, deliver == "path")
                                               for o in outcomes]})
@@ -182,7 +183,7 @@ async def _prefetch(request: web.Request) -> web.Response:
 
     async def run() -> None:
         try:
-            await fetcher.get_many(wants)
+            await fetcher.get_many(wants, bulk=True)
         finally:
             state.pending -= len(wants)
 

@@ -34,6 +34,21 @@
 6. Stored chunks are **announced** (queued, sent in batches); chunks evicted to make room are
    withdrawn.
 
+**Bulk** fetches (``get_many(..., bulk=True)``: prefetch hints, ``deliver: none``, preheat;
+many chunks nobody reads yet) run the same steps as a pipeline instead of in rounds: the
+chunks are taken in the caller's order, the next ``BULK_HORIZON`` bytes of those still
+waiting are looked up (with leases) whenever there is room, leased chunks go to the source at
+once, and chunks at peers are asked for as soon as fewer than ``BULK_WINDOW`` bytes are on
+their way from peers (shared by all bulk fetches of the node). Rounds would leave links idle:
+a round waits for its slowest batch, and its source fetch for its peer batches, before it
+asks for more. When every node prefetches the same image in the same order they look at the
+same horizon, so the supernode spreads that horizon's leases over the nodes (each holds at
+most its lease budget) and each chunk crosses the source link once, then goes from its
+leaseholder, and whoever got it next, to the rest: the source link and every node's links
+stay busy at once, which is what reaching the fan-out lower bound needs (DESIGN §6). A chunk
+peers failed ``fetch.k`` times, and whatever is still waiting when nothing moved for
+``LEASE_WAITS`` times ``fetch.lease_wait``, goes to the source.
+
 Nothing here raises for a chunk that cannot be had: each gets an :class:`Outcome` with a
 :class:`~dfagent.errors.FetchError`. The supernode is reached through a :class:`Tracker`
 (the agent's :class:`~dfagent.peer.swarm.Swarm`); ``None`` means no P2P, only the source.
@@ -62,7 +77,8 @@ from nydusfs.format import chunkfile
 from nydusfs.format.chunk import decode
 from nydusfs.storage.base import RangeRequest
 
-__all__ = ["BAD_PEER_PAUSE", "BUSY_PAUSE", "ChunkWant", "Fetcher", "Outcome", "Tracker"]
+__all__ = ["BAD_PEER_PAUSE", "BULK_WINDOW", "BUSY_PAUSE", "ChunkWant", "Fetcher", "Outcome",
+           "Tracker"]
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +88,11 @@ RETRY_PAUSE = 0.25  # seconds before asking the supernode again when a round bro
 MAX_ROUNDS = 1000  # bound on lookup rounds per fetch (``fetch.lease_wait`` bounds the time)
 LEASE_WAITS = 3  # a fetch waits on others at most this many ``fetch.lease_wait`` in all
 PEER_BATCH_BYTES = 2 << 20  # source bytes of the chunks asked of one peer in one request
-INLINE_VERIFY = 64 * 1024  # chunks up to this size are verified on the event loop
+INLINE_VERIFY = 256 * 1024  # chunks up to this size are verified on the event loop
+BULK_WINDOW = 16 << 20  # source bytes a node asks of peers at once in bulk fetches
+BULK_HORIZON = 64 << 20  # source bytes of the waiting chunks a bulk fetch looks up at once
+BULK_LOOKUP = 1000  # digests per bulk lookup (the supernode's limit per request)
+MAX_BULK_STEPS = 100_000  # bound on the steps of one bulk fetch (time bounds it first)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +158,8 @@ class Fetcher:
         self._progress = asyncio.Event()  # replaced (after set) when a source batch ends
         self._source_slots = asyncio.Semaphore(config.concurrency)
         self._sourcing = 0  # source fetches (_from_source calls) running on this node
+        self._bulk_bytes = 0  # source bytes bulk fetches are asking of peers now
+        self._arrived_at = 0.0  # when a chunk last arrived (monotonic), from anywhere
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[dict[str, Outcome]]] = set()
 
@@ -156,10 +178,11 @@ class Fetcher:
 
     # -- the entry point ------------------------------------------------------------------
 
-    async def get_many(self, wants: Sequence[ChunkWant], *, refetch: Iterable[str] = ()
-                       ) -> list[Outcome]:
+    async def get_many(self, wants: Sequence[ChunkWant], *, refetch: Iterable[str] = (),
+                       bulk: bool = False) -> list[Outcome]:
         """An :class:`Outcome` per want, in order. ``refetch``: digests a client found bad
-        or missing; the stored copy is verified in full and dropped if bad before use."""
+        or missing; the stored copy is verified in full and dropped if bad before use.
+        ``bulk``: many chunks nobody is reading yet, fetched as a pipeline (module doc)."""
         t0 = time.monotonic()
         again = set(refetch)
         results: dict[str, Outcome] = {}
@@ -186,7 +209,7 @@ class Fetcher:
             loop = asyncio.get_running_loop()
             futs = {d: loop.create_future() for d in mine}
             self._inflight.update(futs)
-            task = loop.create_task(self._fetch(mine, t0))
+            task = loop.create_task(self._bulk(mine, t0) if bulk else self._fetch(mine, t0))
             self._tasks.add(task)
 
             def done(t: asyncio.Task[dict[str, Outcome]]) -> None:
@@ -295,10 +318,150 @@ class Fetcher:
                 self.metrics.fetch_failures.inc()
         return out
 
+    async def _bulk(self, todo: dict[str, ChunkWant], t0: float) -> dict[str, Outcome]:
+        """The pipelined fetch of many chunks (module docstring, "Bulk")."""
+        out: dict[str, Outcome] = {}
+        tracker = self.tracker
+        order = list(todo)
+        head = 0  # order[:head] has arrived or goes to the source
+        waiting: set[str] = set(todo)  # to look up (again)
+        cands: dict[str, list[PeerRef]] = {}  # at (or coming to) peers, not asked yet
+        failures: dict[str, int] = {}
+        to_source: dict[str, ChunkWant] = {}
+        jobs: dict[asyncio.Task[None], tuple[list[str], int]] = {}  # digests, peer bytes
+        retry: set[str] = set()
+        patience = self.config.lease_wait * LEASE_WAITS
+        deadline = time.monotonic() + patience
+        next_lookup = 0.0
+        for _ in range(MAX_BULK_STEPS):
+            if not (waiting or cands or jobs):
+                break
+            now = time.monotonic()
+            if tracker is None or not tracker.connected:
+                break
+            if now >= deadline:
+                # Nothing of ours arrived for a while; still waiting while the node as a
+                # whole receives (our turn comes when the window frees up).
+                if now - self._arrived_at >= patience:
+                    break
+                deadline = self._arrived_at + patience
+            sourcing = any(not n for _, n in jobs.values())
+            if waiting and now >= next_lookup and (len(cands) < self.config.batch * 4
+                                                   or not sourcing):
+                next_lookup = now + RETRY_PAUSE
+                while head < len(order) and (order[head] in out or order[head] in to_source):
+                    head += 1
+                horizon: list[str] = []
+                size = 0
+                for d in order[head:]:
+                    if size >= BULK_HORIZON or len(horizon) >= BULK_LOOKUP:
+                        break
+                    if d in waiting:
+                        horizon.append(d)
+                        size += todo[d].size
+                found = await tracker.lookup(horizon, {d: todo[d].size for d in horizon}) \
+                    if horizon else None
+                if horizon and found is None:
+                    # A slow answer from a loaded supernode is no reason to send a whole
+                    # image to the source; a dead one is (the swarm's heartbeat tells it
+                    # apart: ``connected``), or nothing arriving for ``patience``.
+                    continue
+                if found is not None:
+                    for d in horizon:
+                        ps = found.chunks.get(d) or \
+                            ([found.fetching[d]] if d in found.fetching else [])
+                        if ps:
+                            waiting.discard(d)
+                            cands[d] = ps
+                    mine = {d: todo[d] for d in found.leases if d in waiting}
+                    if mine:
+                        waiting.difference_update(mine)
+                        self.metrics.source_fetches.labels("leased").inc(len(mine))
+                        task = asyncio.create_task(self._from_source(mine, out, t0))
+                        jobs[task] = (list(mine), 0)
+            for p, ds in self._bulk_batches(cands, todo):
+                n = sum(todo[d].size for d in ds)
+                self._bulk_bytes += n
+                task = asyncio.create_task(self._peer_batch(p, ds, todo, out, t0, retry))
+                jobs[task] = (ds, n)
+            if not jobs:
+                # Nothing on its way: wait for a lease to free up or for the next lookup.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.0, next_lookup - time.monotonic())):
+                        await self._progress.wait()
+                continue
+            wake = max(0.0, next_lookup - time.monotonic()) if waiting else None
+            done, _ = await asyncio.wait(jobs, timeout=wake, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                ds, n = jobs.pop(task)
+                self._bulk_bytes -= n
+                for d in ds:
+                    if d in out:
+                        deadline = time.monotonic() + patience
+                    elif d in retry:
+                        retry.discard(d)
+                        waiting.add(d)  # busy or not there yet: look it up again
+                    else:
+                        failures[d] = failures.get(d, 0) + 1
+                        if failures[d] >= self.config.k:
+                            to_source[d] = todo[d]
+                        else:
+                            waiting.add(d)
+        for task in jobs:
+            task.cancel()
+        self._bulk_bytes -= sum(n for _, n in jobs.values())
+        await asyncio.gather(*jobs, return_exceptions=True)
+        m = self.metrics.source_fetches
+        m.labels("failed").inc(len(to_source))
+        rest = {d: todo[d] for d in todo if d not in out and d not in to_source}
+        m.labels("waited").inc(len(rest))
+        to_source.update(rest)
+        log.info("bulk fetch of %d chunks: %d arrived in %.1f s; %d to the source (%d failed "
+                 "at peers)", len(todo), len(out), time.monotonic() - t0, len(to_source),
+                 sum(1 for n in failures.values() if n >= self.config.k))
+        if to_source:
+            await self._from_source(to_source, out, t0)
+        for o in out.values():
+            if o.origin is None:
+                self.metrics.fetch_failures.inc()
+        return out
+
+    def _bulk_batches(self, cands: dict[str, list[PeerRef]], todo: dict[str, ChunkWant]
+                      ) -> list[tuple[PeerRef, list[str]]]:
+        """Requests to peers for candidates in ``cands`` (taken out of it), in its order,
+        while this node's bulk bytes on their way from peers stay under ``BULK_WINDOW``:
+        each chunk from its best candidate now (``_choose``), at most ``fetch.batch`` chunks
+        and about ``PEER_BATCH_BYTES`` per request."""
+        room = BULK_WINDOW - self._bulk_bytes
+        groups: dict[str, tuple[PeerRef, list[str], int]] = {}
+        batches: list[tuple[PeerRef, list[str]]] = []
+        for d in list(cands):
+            if room <= 0:
+                break
+            p = self._choose(cands[d], set())
+            if p is None:
+                continue  # every candidate is paused as bad: the lookup finds others
+            del cands[d]
+            n = todo[d].size
+            room -= n
+            _, ds, size = groups.get(p.id, (p, [], 0))
+            if ds and (len(ds) >= self.config.batch or size + n > PEER_BATCH_BYTES):
+                batches.append((p, ds))
+                ds, size = [], 0
+            ds.append(d)
+            groups[p.id] = (p, ds, size + n)
+            self._asking[p.id] = self._asking.get(p.id, 0) + 1  # counts while choosing
+        for p, ds, _ in groups.values():
+            batches.append((p, ds))
+        for p, ds in batches:
+            self._asking[p.id] -= len(ds)
+        return [(p, ds) for p, ds in batches if ds]
+
     def _settle(self, outcome: Outcome, out: dict[str, Outcome]) -> None:
         """Record ``outcome`` and wake whoever waits for that chunk on this node at once
         (other requests, and upload requests from peers that were pointed here)."""
         out[outcome.digest] = outcome
+        self._arrived_at = time.monotonic()
         fut = self._inflight.get(outcome.digest)
         if fut is not None and not fut.done():
             fut.set_result(outcome)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Protocol
@@ -45,6 +46,8 @@ from dfagent.peer.store import ChunkStore, check_digest
 from nydusfs.format import chunkfile
 
 __all__ = ["INFLIGHT_WAIT", "MAX_BATCH", "Pacer", "Pending", "UploadLimits", "make_upload_app"]
+
+log = logging.getLogger(__name__)
 
 MAX_BATCH = 256  # digests per batch request
 INFLIGHT_WAIT = 3.0  # seconds a request waits for chunks still on their way here
@@ -213,9 +216,9 @@ async def _get_batch(request: web.Request) -> web.StreamResponse:
     slot = _Slot(request)
     if not slot.acquire():
         return _busy(slot.metrics)
+    resp = web.StreamResponse(headers={"Content-Type": "application/x-dfagent-chunks"})
     try:
         store = request.app[STORE]
-        resp = web.StreamResponse(headers={"Content-Type": "application/x-dfagent-chunks"})
         await resp.prepare(request)
         later = set(coming)
         # What is here goes first (frames may come in any order), then what was on its way.
@@ -233,6 +236,9 @@ async def _get_batch(request: web.Request) -> web.StreamResponse:
             await _send(resp, data, slot.limits.pacer, slot.metrics)
             slot.metrics.uploads.inc()
         await resp.write_eof()
+        return resp
+    except ConnectionResetError:  # the requester went away (it got the chunks elsewhere)
+        log.debug("batch for %s: the requester went away", request.remote)
         return resp
     finally:
         slot.release()

@@ -10,13 +10,22 @@ Two phases, in order:
    start), in list order;
 2. ``"all"`` (only with ``all=True``): every other chunk of the image, in blob order, so a full
    prefetch reads each blob front to back and the mount then works with the backend gone.
-   Over a per-chunk backend (``backend.per_chunk``: the P2P agent) the order is *rotated*: the
-   queue of batches starts at a random batch (``rng``, per mount) and wraps around. When many
-   nodes prefetch the same image at once, each then starts somewhere else, so each fetches a
-   different part from the source first and the others get it from it, instead of the node
-   slightly ahead fetching everything and serving everyone. Batches stay intact and in blob
-   order after the start, so neighbouring chunks stay together; the list phase is never
-   rotated (it is what a starting container reads first).
+   Over a per-chunk backend (``backend.per_chunk``) that does not warm (below) the order is
+   *rotated*: the queue of batches starts at a random batch (``rng``, per mount) and wraps
+   around, so many nodes prefetching at once each fetch a different part first rather than
+   all waiting on the node slightly ahead. Batches stay intact and in blob order after the
+   start; the list phase is never rotated (it is what a starting container reads first).
+
+Over a backend with a node-level store (``backend.warms``: the P2P agent, whose store is the
+node's cache) the ``all`` phase *warms* instead of reading: the store is asked to hold each
+chunk, and only what it cannot hold is read and verified here (``ImageFS.warm``). Its batches
+are big (``WARM_BATCH_*``) and in blob order, not rotated: the agent fetches each batch as a
+pipeline, and nodes that ask for the same chunks in the same order share the work through the
+supernode's leases (``dfagent.peer.fetcher``, "Bulk"). The chunks
+are verified by the store as they arrive and by the filesystem on every read; reading them
+here too would only double the node's CPU per byte (``storage.base``, "Node-level stores").
+With such a backend, a mount after a full prefetch keeps working while the agent lives or
+the image's own source answers, not with both gone: the chunks are in the agent's store.
 
 Chunks are grouped into batches of about ``batch_bytes`` compressed bytes, so neighbouring chunks
 become one ranged read; up to ``concurrency`` batches are in flight. A token bucket over
@@ -55,6 +64,11 @@ __all__ = ["PrefetchState", "Prefetcher", "TokenBucket"]
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
+
+# Batches of the ``all`` phase over a backend that warms (the P2P agent): the agent fetches
+# each as a pipeline, so bigger is better, up to what one local-API request may carry.
+WARM_BATCH_CHUNKS = 1024
+WARM_BATCH_BYTES = 64 * MiB
 
 PrefetchState = Literal["idle", "list", "all", "done", "failed", "cancelled"]
 
@@ -147,7 +161,10 @@ class Prefetcher:
         self.batch_bytes = batch_bytes
         self.list_batch_bytes = batch_bytes if list_batch_bytes is None else list_batch_bytes
         self.list_priority = list_priority
-        self.rotate = bool(getattr(fs.backend, "per_chunk", False)) if rotate is None else rotate
+        self.warms = bool(getattr(fs.backend, "warms", False))
+        if rotate is None:
+            rotate = bool(getattr(fs.backend, "per_chunk", False)) and not self.warms
+        self.rotate = rotate
         self._rng = rng if rng is not None else random.Random()
         self._clock = clock
         # Credit for one second or one batch, whichever is larger: never less than a batch.
@@ -226,21 +243,26 @@ class Prefetcher:
         await self._phase(listed, self.list_batch_bytes, priority=self.list_priority)
         if self.all:
             self.state = "all"
-            await self._phase(rest, self.batch_bytes, priority=False, rotate=self.rotate)
+            if self.warms:  # few big batches: the agent pipelines each (module docstring)
+                await self._phase(rest, WARM_BATCH_BYTES, priority=False, rotate=self.rotate,
+                                  max_chunks=WARM_BATCH_CHUNKS)
+            else:
+                await self._phase(rest, self.batch_bytes, priority=False, rotate=self.rotate)
         self.state = "failed" if self.failed_chunks else "done"
 
     # ---- work ----------------------------------------------------------------------------
 
-    def _batches(self, records: Sequence[ChunkRecord],
-                 batch_bytes: int | None = None) -> list[list[ChunkRecord]]:
+    def _batches(self, records: Sequence[ChunkRecord], batch_bytes: int | None = None,
+                 max_chunks: int = 0) -> list[list[ChunkRecord]]:
         """Consecutive chunks, about ``batch_bytes`` (default ``self.batch_bytes``) compressed
-        each (one chunk at least)."""
+        each (one chunk at least), and at most ``max_chunks`` (0: no limit)."""
         limit = self.batch_bytes if batch_bytes is None else batch_bytes
         out: list[list[ChunkRecord]] = []
         batch: list[ChunkRecord] = []
         size = 0
         for rec in records:
-            if batch and size + rec.compressed_size > limit:
+            if batch and (size + rec.compressed_size > limit
+                          or 0 < max_chunks <= len(batch)):
                 out.append(batch)
                 batch, size = [], 0
             batch.append(rec)
@@ -250,8 +272,8 @@ class Prefetcher:
         return out
 
     async def _phase(self, records: Sequence[ChunkRecord], batch_bytes: int, *,
-                     priority: bool, rotate: bool = False) -> None:
-        queue = self._batches(records, batch_bytes)
+                     priority: bool, rotate: bool = False, max_chunks: int = 0) -> None:
+        queue = self._batches(records, batch_bytes, max_chunks)
         if rotate and len(queue) > 1:
             start = self._rng.randrange(len(queue))
             queue = queue[start:] + queue[:start]
@@ -265,7 +287,9 @@ class Prefetcher:
                     if priority:
                         await self.fs.chunks(batch, priority=True)
                     else:
-                        await self.fs.chunks(batch, background=True)
+                        rest = await self.fs.warm(batch)
+                        if rest:
+                            await self.fs.chunks(rest, background=True)
                 except FsError as exc:
                     self.failed_chunks += len(batch)
                     log.warning("prefetch: %d chunks not fetched: %s", len(batch), exc)

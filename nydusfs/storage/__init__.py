@@ -95,4 +95,5 @@ def create_backend(cfg: BackendConfig, *, image_dir: Path | None) -> CountingBac
     counting = CountingBackend(retrying)
     for wrapper in (timeout, retrying, counting):  # what the filesystem asks of the stack
         wrapper.per_chunk = inner.per_chunk
+        wrapper.warms = inner.warms
     return counting

@@ -35,6 +35,14 @@ Byte-range backends ignore it. A backend that serves chunks by digest rather tha
 (``dragonfly``, the P2P agent) sets ``per_chunk = True``: the filesystem then never merges
 neighbouring chunks into one request, so every request it sends carries its ``chunk``. The
 reply is still the chunk's payload as stored in the blob (what ``format.chunk.decode`` takes).
+
+Node-level stores: a backend that keeps what it fetches in a store shared by the node (the P2P
+agent's chunk store, the node's only on-disk cache with ``dragonfly``) sets ``warms = True``
+and implements :meth:`Backend.warm`: have chunks in that store without delivering their bytes.
+A whole-image prefetch then costs the mount nothing per byte: reading, decoding and verifying
+every chunk only to drop the bytes (prefetch keeps nothing in memory) would double the node's
+CPU per byte, while the store verified each chunk as it arrived and every later read is
+verified again by the filesystem.
 """
 
 from __future__ import annotations
@@ -87,6 +95,8 @@ class Backend(ABC):
     name: str = "backend"
     # True: the backend wants one request per chunk, each with its ``chunk`` (see module doc).
     per_chunk: bool = False
+    # True: ``warm`` puts chunks in a node-level store without delivering them (module doc).
+    warms: bool = False
 
     @abstractmethod
     async def read(self, blob: str, offset: int, size: int) -> bytes:
@@ -96,6 +106,12 @@ class Backend(ABC):
         """Several ranges, results in request order."""
         return list(await asyncio.gather(*(self.read(r.blob, r.offset, r.size)
                                            for r in requests)))
+
+    async def warm(self, requests: Sequence[RangeRequest]) -> list[bool]:
+        """Have each chunk in the node-level store, bytes not delivered; per request, whether
+        it is there now. ``False`` means "read it instead" (no store, the store could not get
+        it, or the request carries no ``chunk``): never an error for a chunk alone."""
+        return [False] * len(requests)
 
     async def close(self) -> None:  # noqa: B027 (optional hook, no-op by default)
         """Release resources."""

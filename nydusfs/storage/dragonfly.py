@@ -37,6 +37,13 @@ carry no chunk identity (whole-range reads, ``nydusfs check``) go to the source 
 do chunks whose stored encoding differs from this image's (the same content compressed
 differently by another image's build: the payload must be this blob's bytes).
 
+Prefetch (``warm``): the agent's store is the node's cache, so a whole-image prefetch asks the
+agent to *have* each chunk (``deliver: none``; the agent fetches such a request as a pipeline,
+and it may take minutes: a live agent gets ``WARM_TIMEOUT``) instead of reading,
+decoding and verifying every chunk in the mount only to drop it: the agent verified each chunk
+as it arrived, and every read later verifies it again. A chunk the agent could not get, or a
+batch it could not answer, is reported not held and the prefetch reads it the ordinary way.
+
 Counters (``stats()``, shown by the mount's status API): chunks from the agent, chunks and
 batches that fell back to the source, agent failures, refetches, verification failures.
 """
@@ -72,11 +79,13 @@ API_CHUNKS = "http://dfagent/api/v1/chunks"
 API_HEALTH = "http://dfagent/healthz"
 PROBE_AFTER = 3.0  # seconds without an answer before (and between) health checks of the agent
 PROBE_TIMEOUT = 5.0  # seconds a health check may take before the agent counts as hung
+WARM_TIMEOUT = 600.0  # seconds a live agent may take to warm one batch (prefetch, in the back)
 
 
 @dataclass(slots=True)
 class DragonflyStats:
     agent_chunks: int = 0  # chunks delivered by the agent (and verified here)
+    warmed_chunks: int = 0  # chunks the agent reported held for a prefetch (not read here)
     fallback_chunks: int = 0  # chunks read from the image's own source instead
     fallbacks: int = 0  # batches that went to the source because the agent was unreachable
     agent_errors: int = 0  # failed calls to the agent
@@ -100,6 +109,7 @@ class DragonflyBackend(Backend):
 
     name = "dragonfly"
     per_chunk = True
+    warms = True
 
     def __init__(self, socket: Path, location: dict[str, Any], source: Backend, *,
                  timeout: float = 20.0, retry_after: float = 5.0,
@@ -145,6 +155,26 @@ class DragonflyBackend(Backend):
                 out[i] = data
         return [data if data is not None else b"" for data in out]
 
+    async def warm(self, requests: Sequence[RangeRequest]) -> list[bool]:
+        for r in requests:
+            check_range(r.blob, r.offset, r.size)
+        if self._closed:
+            raise UnavailableError(f"dragonfly backend ({self.socket}) is closed")
+        held = [False] * len(requests)
+        wanted = [i for i, r in enumerate(requests) if r.chunk is not None and r.size > 0]
+        if not wanted or self._clock() < self._down_until:
+            return held
+        try:
+            answers = await self._ask([requests[i] for i in wanted], refetch=False,
+                                      deliver="none", timeout=max(self.timeout, WARM_TIMEOUT))
+        except _AgentDown as exc:
+            self._agent_down(exc)
+            return held
+        for i, (kind, _) in zip(wanted, answers, strict=True):
+            held[i] = kind == "held"
+        self.counters.warmed_chunks += sum(held)
+        return held
+
     async def close(self) -> None:
         self._closed = True
         session, self._session = self._session, None
@@ -163,15 +193,8 @@ class DragonflyBackend(Backend):
             try:
                 answers = await self._ask([reqs[i] for i in todo], refetch=refetch)
             except _AgentDown as exc:
-                self.counters.agent_errors += 1
                 self.counters.fallbacks += 1
-                if exc.slow:
-                    log.info("dfagent at %s slow (%s); this batch from the source",
-                             self.socket, exc)
-                    return out
-                self._down_until = self._clock() + self.retry_after
-                log.warning("dfagent at %s unreachable (%s); reading from the source for "
-                            "%g s", self.socket, exc, self.retry_after)
+                self._agent_down(exc)
                 return out
             again: list[int] = []
             for i, answer in zip(todo, answers, strict=True):
@@ -187,13 +210,24 @@ class DragonflyBackend(Backend):
             todo = again
         return out
 
+    def _agent_down(self, exc: _AgentDown) -> None:
+        """Count a failed call; an unreachable (not merely slow) agent is left alone for
+        ``retry_after`` seconds."""
+        self.counters.agent_errors += 1
+        if exc.slow:
+            log.info("dfagent at %s slow (%s); this batch from the source", self.socket, exc)
+            return
+        self._down_until = self._clock() + self.retry_after
+        log.warning("dfagent at %s unreachable (%s); reading from the source for %g s",
+                    self.socket, exc, self.retry_after)
+
     async def _payload(self, req: RangeRequest, answer: tuple[str, object]
                        ) -> tuple[bytes | None, bool]:
         """``(payload, retry)``: the verified payload, or None and whether to ask again."""
         kind, value = answer
         chunk = req.chunk
         assert chunk is not None
-        if kind == "error":
+        if kind in ("error", "held"):
             return None, False  # the agent could not get it: the source is the last resort
         if kind == "path":
             try:
@@ -231,11 +265,15 @@ class DragonflyBackend(Backend):
             self._loop = loop
         return self._session
 
-    async def _ask(self, reqs: list[RangeRequest], *, refetch: bool
-                   ) -> list[tuple[str, object]]:
-        """One local-API call: ``("path", str)``, ``("bytes", bytes)`` or ``("error", msg)``
-        per request, in order. Raises :class:`_AgentDown` for anything but a valid answer."""
-        deliver = self.counters.deliver if not refetch else "bytes"
+    async def _ask(self, reqs: list[RangeRequest], *, refetch: bool, deliver: str | None = None,
+                   timeout: float | None = None) -> list[tuple[str, object]]:
+        """One local-API call: ``("path", str)``, ``("bytes", bytes)``, ``("held", None)``
+        (``deliver: none``) or ``("error", msg)`` per request, in order. Raises
+        :class:`_AgentDown` for anything but a valid answer. ``deliver``: how chunks should
+        come (default: bytes for a refetch, else as now); ``timeout``: how long a live agent
+        may take (default ``self.timeout``)."""
+        if deliver is None:
+            deliver = self.counters.deliver if not refetch else "bytes"
         body = {
             "deliver": deliver,
             "sources": [self.location],
@@ -247,7 +285,7 @@ class DragonflyBackend(Backend):
         }
         call = asyncio.ensure_future(self._post(body))
         try:
-            await self._wait_alive(call)
+            await self._wait_alive(call, self.timeout if timeout is None else timeout)
             status, payload = call.result()
         except (aiohttp.ClientError, OSError) as exc:
             raise _AgentDown(f"{type(exc).__name__}: {exc}") from exc
@@ -269,15 +307,15 @@ class DragonflyBackend(Backend):
         async with self._http().post(API_CHUNKS, json=body) as resp:
             return resp.status, await resp.read()
 
-    async def _wait_alive(self, call: asyncio.Future[tuple[int, bytes]]) -> None:
+    async def _wait_alive(self, call: asyncio.Future[tuple[int, bytes]], timeout: float) -> None:
         """Wait for ``call`` at most ``timeout`` seconds, checking every ``PROBE_AFTER`` that
         the agent is alive; raises :class:`_AgentDown` (``slow`` when it is alive)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout
+        deadline = loop.time() + timeout
         while True:
             left = deadline - loop.time()
             if left <= 0:
-                raise _AgentDown(f"no answer within {self.timeout:g} s", slow=True)
+                raise _AgentDown(f"no answer within {timeout:g} s", slow=True)
             done, _ = await asyncio.wait({call}, timeout=min(PROBE_AFTER, left))
             if done:
                 return
@@ -317,6 +355,8 @@ def _json_answer(payload: bytes, reqs: list[RangeRequest]) -> list[tuple[str, ob
             raise ValueError("the answer's chunks are not in request order")
         if item["status"] == "ok" and isinstance(item.get("path"), str):
             out.append(("path", item["path"]))
+        elif item["status"] == "ok" and "path" not in item:
+            out.append(("held", None))  # deliver: none
         else:
             out.append(("error", str(item.get("message", item["status"]))))
     return out

@@ -52,6 +52,11 @@ class TimeoutBackend(Backend):
         return await self._bounded(f"batch of {len(requests)} ranges",
                                    self.inner.read_many(requests))
 
+    async def warm(self, requests: Sequence[RangeRequest]) -> list[bool]:
+        # Not bounded here: warming a batch of a whole-image prefetch may rightly take
+        # minutes; the backend bounds it itself (dragonfly: while its agent answers).
+        return await self.inner.warm(requests)
+
     async def close(self) -> None:
         await self.inner.close()
 
@@ -105,6 +110,10 @@ class RetryingBackend(Backend):
         return await self._retrying(f"batch of {len(requests)} ranges",
                                     lambda: self.inner.read_many(requests))
 
+    async def warm(self, requests: Sequence[RangeRequest]) -> list[bool]:
+        return await self._retrying(f"warming {len(requests)} chunks",
+                                    lambda: self.inner.warm(requests))
+
     async def close(self) -> None:
         await self.inner.close()
 
@@ -132,6 +141,7 @@ class CountingBackend(Backend):
         self.reads = 0  # ranges delivered; a read_many of n ranges counts n
         self.bytes_read = 0
         self.errors = 0  # calls that raised a StorageError
+        self.warmed = 0  # chunks put in a node-level store without delivery (``warm``)
         self.ranges: dict[str, list[tuple[int, int]]] = {}
 
     def fetched(self, blob: str) -> int:
@@ -158,6 +168,15 @@ class CountingBackend(Backend):
         for r, data in zip(requests, datas, strict=True):
             self._delivered(r.blob, r.offset, len(data))
         return datas
+
+    async def warm(self, requests: Sequence[RangeRequest]) -> list[bool]:
+        try:
+            held = await self.inner.warm(requests)
+        except StorageError:
+            self.errors += 1
+            raise
+        self.warmed += sum(held)
+        return held
 
     async def close(self) -> None:
         await self.inner.close()

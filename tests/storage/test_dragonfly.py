@@ -255,3 +255,44 @@ def test_a_busy_agent_that_is_alive_is_waited_for(
             await peer.close()
 
     run(go())
+
+
+def test_a_full_prefetch_warms_the_agent_without_reading_here(
+        image: tuple[Path, dict[str, bytes]], tmp_path: Path) -> None:
+    """``prefetch: {all: true}`` over dragonfly asks the agent to hold every chunk (its store
+    is the node's cache) and reads none of them in the mount; later reads come from the agent's
+    store, verified here. With the agent dead, the prefetch reads the chunks instead."""
+    from nydusfs.fs.prefetch import Prefetcher
+
+    img, files = image
+
+    async def go() -> None:
+        peer = await start_peer(PeerConfig(listen=HostPort("127.0.0.1", 0),
+                                           socket=tmp_path / "a.sock",
+                                           data_dir=tmp_path / "data"))
+        try:
+            fs = _fs(img, peer.socket)
+            df = _dragonfly(fs)
+            n = len(list(fs.boot.chunks()))
+            pf = Prefetcher(fs, all=True, bandwidth=0, concurrency=2)
+            assert pf.warms and not pf.rotate  # blob order: nodes share the horizon
+            await pf.run()
+            assert pf.state == "done" and pf.done_chunks == n and pf.failed_chunks == 0
+            assert df.counters.warmed_chunks == n and df.counters.agent_chunks == 0
+            assert fs.backend.bytes_read == 0 and fs.backend.warmed == n  # type: ignore[attr-defined]
+            assert len(peer.store) == n and peer.metrics.delivered_by["source"] == n
+            for name, data in files.items():  # now from the agent's store, verified here
+                assert await _read(fs, name) == data
+            assert peer.metrics.delivered_by["source"] == n  # nothing fetched twice
+            await fs.backend.close()
+        finally:
+            await peer.close()
+        fs = _fs(img, peer.socket, retry_after="1h")  # the agent is gone
+        pf = Prefetcher(fs, all=True, bandwidth=0, concurrency=2)
+        await pf.run()
+        assert pf.state == "done" and pf.done_chunks == len(list(fs.boot.chunks()))
+        df = _dragonfly(fs)
+        assert df.counters.warmed_chunks == 0 and df.counters.fallback_chunks > 0
+        await fs.backend.close()
+
+    run(go())

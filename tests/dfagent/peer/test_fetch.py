@@ -209,3 +209,60 @@ def test_a_full_lease_budget_makes_chunks_wait_for_their_lease(tmp_path: Path) -
             await sn.close()
 
     run(go())
+
+
+def test_bulk_fetches_share_an_image_through_leases(tmp_path: Path) -> None:
+    """Three nodes bulk-fetch the same chunks at once (a whole-image prefetch on each): every
+    chunk comes from the source exactly once in all (the supernode's leases spread it), the
+    rest from peers, each node ends with every chunk, verified, and none waited it out."""
+
+    async def go() -> None:
+        sn = await start_supernode(SupernodeConfig(listen=HostPort("127.0.0.1", 0)))
+        nodes = [await _peer(tmp_path, name, [sn.url], fetch=FetchConfig(lookup_timeout=5.0))
+                 for name in ("a", "b", "c")]
+        try:
+            wants = _wants(tmp_path, [chunk(30_000) for _ in range(40)])
+            results = await asyncio.wait_for(asyncio.gather(
+                *(n.fetcher.get_many(wants, bulk=True) for n in nodes)), 60)
+            for node, outcomes in zip(nodes, results, strict=True):
+                assert [o.digest for o in outcomes] == [w.digest for w in wants]
+                assert all(o.error is None for o in outcomes)
+                assert all(w.digest in node.store for w in wants)
+            by_origin = {origin: sum(n.metrics.delivered_by[origin] for n in nodes)
+                         for origin in ("source", "peer")}
+            assert by_origin["source"] == len(wants)  # each chunk crossed the source once
+            assert by_origin["peer"] == 2 * len(wants)
+            source_bytes = sum(s["bytes"] for n in nodes for s in n.sources.stats().values())
+            assert source_bytes == sum(w.size for w in wants)
+            for n in nodes:
+                m = n.metrics.source_fetches
+                for reason in ("waited", "failed", "direct", "refused"):
+                    assert m.labels(reason)._value.get() == 0, (n.config.id, reason)
+                assert n.fetcher._bulk_bytes == 0  # the window is given back
+        finally:
+            for n in nodes:
+                await n.close()
+            await sn.close()
+
+    run(go())
+
+
+def test_bulk_fetch_without_a_supernode_goes_to_the_source_at_once(tmp_path: Path) -> None:
+    async def go() -> None:
+        async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await asyncio.sleep(3600)
+
+        frozen = await asyncio.start_server(mute, "127.0.0.1", 0)
+        port = frozen.sockets[0].getsockname()[1]
+        peer = await _peer(tmp_path, "a", [f"http://127.0.0.1:{port}"],
+                           fetch=FetchConfig(lookup_timeout=0.2))
+        try:
+            wants = _wants(tmp_path, [chunk(10_000) for _ in range(6)])
+            got = await asyncio.wait_for(peer.fetcher.get_many(wants, bulk=True), 30)
+            assert all(o.origin == "source" and o.error is None for o in got)
+            assert peer.metrics.delivered_by["peer"] == 0
+        finally:
+            await peer.close()
+            frozen.close()
+
+    run(go())
