@@ -46,8 +46,10 @@ same horizon, so the supernode spreads that horizon's leases over the nodes (eac
 most its lease budget) and each chunk crosses the source link once, then goes from its
 leaseholder, and whoever got it next, to the rest: the source link and every node's links
 stay busy at once, which is what reaching the fan-out lower bound needs (DESIGN §6). A chunk
-peers failed ``fetch.k`` times, and whatever is still waiting when nothing moved for
-``LEASE_WAITS`` times ``fetch.lease_wait``, goes to the source.
+peers failed ``fetch.k`` times, and whatever is still waiting when nothing arrived on the node
+for ``LEASE_WAITS`` times ``fetch.lease_wait``, goes to the source; so does everything when
+the agent has had no supernode since it started. A registration lost on the way (a loaded supernode
+missed a heartbeat) is waited out, not taken as a reason to send an image to the source.
 
 Nothing here raises for a chunk that cannot be had: each gets an :class:`Outcome` with a
 :class:`~dfagent.errors.FetchError`. The supernode is reached through a :class:`Tracker`
@@ -91,7 +93,7 @@ PEER_BATCH_BYTES = 2 << 20  # source bytes of the chunks asked of one peer in on
 INLINE_VERIFY = 256 * 1024  # chunks up to this size are verified on the event loop
 BULK_WINDOW = 16 << 20  # source bytes a node asks of peers at once in bulk fetches
 BULK_HORIZON = 64 << 20  # source bytes of the waiting chunks a bulk fetch looks up at once
-BULK_LOOKUP = 1000  # digests per bulk lookup (the supernode's limit per request)
+BULK_LOOKUP = 256  # digests per bulk lookup (a busy supernode answers small ones in time)
 MAX_BULK_STEPS = 100_000  # bound on the steps of one bulk fetch (time bounds it first)
 
 
@@ -160,6 +162,7 @@ class Fetcher:
         self._sourcing = 0  # source fetches (_from_source calls) running on this node
         self._bulk_bytes = 0  # source bytes bulk fetches are asking of peers now
         self._arrived_at = 0.0  # when a chunk last arrived (monotonic), from anywhere
+        self._seen_supernode = False  # registered at some point since the agent started
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[dict[str, Outcome]]] = set()
 
@@ -337,8 +340,13 @@ class Fetcher:
             if not (waiting or cands or jobs):
                 break
             now = time.monotonic()
-            if tracker is None or not tracker.connected:
+            if tracker is None:
                 break
+            connected = tracker.connected
+            if connected:
+                self._seen_supernode = True
+            elif not self._seen_supernode:
+                break  # no supernode since the agent started: the source at once
             if now >= deadline:
                 # Nothing of ours arrived for a while; still waiting while the node as a
                 # whole receives (our turn comes when the window frees up).
@@ -346,8 +354,11 @@ class Fetcher:
                     break
                 deadline = self._arrived_at + patience
             sourcing = any(not n for _, n in jobs.values())
-            if waiting and now >= next_lookup and (len(cands) < self.config.batch * 4
-                                                   or not sourcing):
+            # A lost registration (a heartbeat a loaded supernode did not answer in time) is
+            # waited out: the swarm registers again within a second or two, and meanwhile
+            # the candidates known and the fetches running go on.
+            if connected and waiting and now >= next_lookup and (
+                    len(cands) < self.config.batch * 4 or not sourcing):
                 next_lookup = now + RETRY_PAUSE
                 while head < len(order) and (order[head] in out or order[head] in to_source):
                     head += 1
