@@ -395,13 +395,19 @@ class Fetcher:
                 self._bulk_bytes += n
                 task = asyncio.create_task(self._peer_batch(p, ds, todo, out, t0, retry))
                 jobs[task] = (ds, n)
+            # When to look again: at the next lookup, or in a moment if one was due but not
+            # made (unregistered, or enough candidates while a source fetch runs); never at
+            # once, or this loop would spin.
+            pause = next_lookup - time.monotonic()
+            if pause <= 0:
+                pause = RETRY_PAUSE
             if not jobs:
                 # Nothing on its way: wait for a lease to free up or for the next lookup.
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(max(0.0, next_lookup - time.monotonic())):
+                    async with asyncio.timeout(pause):
                         await self._progress.wait()
                 continue
-            wake = max(0.0, next_lookup - time.monotonic()) if waiting else None
+            wake = pause if waiting else None
             done, _ = await asyncio.wait(jobs, timeout=wake, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 ds, n = jobs.pop(task)
