@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 from nydusfs.errors import NydusfsError
 
-__all__ = ["RemoteOptions", "detach", "fetch_remote_bootstrap", "mount_background",
+__all__ = ["RemoteOptions", "detach", "exit_daemon", "fetch_remote_bootstrap", "mount_background",
            "mount_foreground", "process_start_time", "resolve_image_arg", "unmount"]
 
 READY_TIMEOUT = 60.0
@@ -449,20 +449,24 @@ def _daemon(image: str | Path, mountpoint: Path, config_path: Path | None,
         ready_fd = detach(ready_fd, log_fd)
         status = mount_foreground(image, mountpoint, config_path, ready_fd, log_file, remote,
                                   started=started)
-    except NydusfsError as exc:
-        print(f"nydusfs: error: {exc}", file=sys.stderr)
-    except OSError as exc:
+    except (NydusfsError, OSError) as exc:
         print(f"nydusfs: error: {exc}", file=sys.stderr)
     except BaseException:  # a bug: its traceback in the log, never in the caller's terminal
         import traceback
 
         traceback.print_exc()
     finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(status)
+        exit_daemon(status)
+
+
+def exit_daemon(status: int) -> NoReturn:
+    """End a forked daemon: flush its log, then ``os._exit`` (the parent's ``atexit``
+    handlers and buffers are the parent's, not the child's)."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(status)
 
 
 def detach(keep_fd: int, log_fd: int) -> int:

@@ -566,11 +566,9 @@ def _child(conn: socket.socket, listener: _Listener, log: tuple[int, str],
 
             traceback.print_exc()
     finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(status)
+        from nydusfs.mount import exit_daemon
+
+        exit_daemon(status)
 
 
 def _reply(fd: int, doc: dict[str, Any]) -> None:

@@ -314,12 +314,7 @@ class Fetcher:
         m.labels("waited").inc(waited)
         m.labels("refused").inc(refused_n)
         m.labels("direct").inc(len(to_source) - failed - waited - refused_n)
-        if to_source:
-            await self._from_source(to_source, out, t0)
-        for o in out.values():
-            if o.origin is None:
-                self.metrics.fetch_failures.inc()
-        return out
+        return await self._finish(to_source, out, t0)
 
     async def _bulk(self, todo: dict[str, ChunkWant], t0: float) -> dict[str, Outcome]:
         """The pipelined fetch of many chunks (module docstring, "Bulk")."""
@@ -436,12 +431,7 @@ class Fetcher:
         log.info("bulk fetch of %d chunks: %d arrived in %.1f s; %d to the source (%d failed "
                  "at peers)", len(todo), len(out), time.monotonic() - t0, len(to_source),
                  sum(1 for n in failures.values() if n >= self.config.k))
-        if to_source:
-            await self._from_source(to_source, out, t0)
-        for o in out.values():
-            if o.origin is None:
-                self.metrics.fetch_failures.inc()
-        return out
+        return await self._finish(to_source, out, t0)
 
     def _bulk_batches(self, cands: dict[str, list[PeerRef]], todo: dict[str, ChunkWant]
                       ) -> list[tuple[PeerRef, list[str]]]:
@@ -473,6 +463,14 @@ class Fetcher:
         for p, ds in batches:
             self._asking[p.id] -= len(ds)
         return [(p, ds) for p, ds in batches if ds]
+
+    async def _finish(self, to_source: dict[str, ChunkWant], out: dict[str, Outcome],
+                      t0: float) -> dict[str, Outcome]:
+        """The end of a fetch: what peers did not deliver from the source; failures counted."""
+        if to_source:
+            await self._from_source(to_source, out, t0)
+        self.metrics.fetch_failures.inc(sum(1 for o in out.values() if o.origin is None))
+        return out
 
     def _settle(self, outcome: Outcome, out: dict[str, Outcome]) -> None:
         """Record ``outcome`` and wake whoever waits for that chunk on this node at once

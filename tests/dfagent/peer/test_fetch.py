@@ -42,6 +42,8 @@ async def _peer(tmp: Path, name: str, supernodes: list[str], **kw: object) -> Ru
 
 
 def test_single_flight_and_a_frozen_supernode(tmp_path: Path) -> None:
+    """Five requesters of the same chunks, one source read each; a supernode that accepts
+    connections and never answers stalls neither a fetch nor a bulk fetch."""
     async def go() -> None:
         async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             await asyncio.sleep(3600)
@@ -62,6 +64,11 @@ def test_single_flight_and_a_frozen_supernode(tmp_path: Path) -> None:
             (stats,) = peer.sources.stats().values()
             assert stats["bytes"] == sum(w.size for w in wants)
             assert peer.metrics.delivered_by["peer"] == 0
+            # A bulk fetch (a whole-image prefetch) does not wait on it either.
+            more = _wants(tmp_path, [chunk(10_000) for _ in range(6)])
+            got = await asyncio.wait_for(peer.fetcher.get_many(more, bulk=True), 30)
+            assert all(o.origin == "source" and o.error is None for o in got)
+            assert peer.metrics.delivered_by["source"] == len(wants) + len(more)
         finally:
             await peer.close()
             frozen.close()
@@ -243,26 +250,5 @@ def test_bulk_fetches_share_an_image_through_leases(tmp_path: Path) -> None:
             for n in nodes:
                 await n.close()
             await sn.close()
-
-    run(go())
-
-
-def test_bulk_fetch_without_a_supernode_goes_to_the_source_at_once(tmp_path: Path) -> None:
-    async def go() -> None:
-        async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await asyncio.sleep(3600)
-
-        frozen = await asyncio.start_server(mute, "127.0.0.1", 0)
-        port = frozen.sockets[0].getsockname()[1]
-        peer = await _peer(tmp_path, "a", [f"http://127.0.0.1:{port}"],
-                           fetch=FetchConfig(lookup_timeout=0.2))
-        try:
-            wants = _wants(tmp_path, [chunk(10_000) for _ in range(6)])
-            got = await asyncio.wait_for(peer.fetcher.get_many(wants, bulk=True), 30)
-            assert all(o.origin == "source" and o.error is None for o in got)
-            assert peer.metrics.delivered_by["peer"] == 0
-        finally:
-            await peer.close()
-            frozen.close()
 
     run(go())
