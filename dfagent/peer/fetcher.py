@@ -331,98 +331,103 @@ class Fetcher:
         patience = self.config.lease_wait * LEASE_WAITS
         deadline = time.monotonic() + patience
         next_lookup = 0.0
-        for _ in range(MAX_BULK_STEPS):
-            if not (waiting or cands or jobs):
-                break
-            now = time.monotonic()
-            if tracker is None:
-                break
-            connected = tracker.connected
-            if connected:
-                self._seen_supernode = True
-            elif not self._seen_supernode:
-                break  # no supernode since the agent started: the source at once
-            if now >= deadline:
-                # Nothing of ours arrived for a while; still waiting while the node as a
-                # whole receives (our turn comes when the window frees up).
-                if now - self._arrived_at >= patience:
+        try:
+            for _ in range(MAX_BULK_STEPS):
+                if not (waiting or cands or jobs):
                     break
-                deadline = self._arrived_at + patience
-            sourcing = any(not n for _, n in jobs.values())
-            # A lost registration (a heartbeat a loaded supernode did not answer in time) is
-            # waited out: the swarm registers again within a second or two, and meanwhile
-            # the candidates known and the fetches running go on.
-            if connected and waiting and now >= next_lookup and (
-                    len(cands) < self.config.batch * 4 or not sourcing):
-                next_lookup = now + RETRY_PAUSE
-                while head < len(order) and (order[head] in out or order[head] in to_source):
-                    head += 1
-                horizon: list[str] = []
-                size = 0
-                for d in order[head:]:
-                    if size >= BULK_HORIZON or len(horizon) >= BULK_LOOKUP:
+                now = time.monotonic()
+                if tracker is None:
+                    break
+                connected = tracker.connected
+                if connected:
+                    self._seen_supernode = True
+                elif not self._seen_supernode:
+                    break  # no supernode since the agent started: the source at once
+                if now >= deadline:
+                    # Nothing of ours arrived for a while; still waiting while the node as a
+                    # whole receives (our turn comes when the window frees up).
+                    if now - self._arrived_at >= patience:
                         break
-                    if d in waiting:
-                        horizon.append(d)
-                        size += todo[d].size
-                found = await tracker.lookup(horizon, {d: todo[d].size for d in horizon}) \
-                    if horizon else None
-                if horizon and found is None:
-                    # A slow answer from a loaded supernode is no reason to send a whole
-                    # image to the source; a dead one is (the swarm's heartbeat tells it
-                    # apart: ``connected``), or nothing arriving for ``patience``.
+                    deadline = self._arrived_at + patience
+                sourcing = any(not n for _, n in jobs.values())
+                # A lost registration (a heartbeat a loaded supernode did not answer in time) is
+                # waited out: the swarm registers again within a second or two, and meanwhile
+                # the candidates known and the fetches running go on.
+                if connected and waiting and now >= next_lookup and (
+                        len(cands) < self.config.batch * 4 or not sourcing):
+                    next_lookup = now + RETRY_PAUSE
+                    while head < len(order) and (order[head] in out or order[head] in to_source):
+                        head += 1
+                    horizon: list[str] = []
+                    size = 0
+                    for d in order[head:]:
+                        if size >= BULK_HORIZON or len(horizon) >= BULK_LOOKUP:
+                            break
+                        if d in waiting:
+                            horizon.append(d)
+                            size += todo[d].size
+                    found = await tracker.lookup(horizon, {d: todo[d].size for d in horizon}) \
+                        if horizon else None
+                    if horizon and found is None:
+                        # A slow answer from a loaded supernode is no reason to send a whole
+                        # image to the source; a dead one is (the swarm's heartbeat tells it
+                        # apart: ``connected``), or nothing arriving for ``patience``.
+                        continue
+                    if found is not None:
+                        for d in horizon:
+                            ps = found.chunks.get(d) or \
+                                ([found.fetching[d]] if d in found.fetching else [])
+                            if ps:
+                                waiting.discard(d)
+                                cands[d] = ps
+                        mine = {d: todo[d] for d in found.leases if d in waiting}
+                        if mine:
+                            waiting.difference_update(mine)
+                            self.metrics.source_fetches.labels("leased").inc(len(mine))
+                            task = asyncio.create_task(self._from_source(mine, out, t0))
+                            jobs[task] = (list(mine), 0)
+                for p, ds in self._bulk_batches(cands, todo):
+                    n = sum(todo[d].size for d in ds)
+                    self._bulk_bytes += n
+                    task = asyncio.create_task(self._peer_batch(p, ds, todo, out, t0, retry))
+                    jobs[task] = (ds, n)
+                # When to look again: at the next lookup, or in a moment if one was due but not
+                # made (unregistered, or enough candidates while a source fetch runs); never at
+                # once, or this loop would spin.
+                pause = next_lookup - time.monotonic()
+                if pause <= 0:
+                    pause = RETRY_PAUSE
+                if not jobs:
+                    # Nothing on its way: wait for a lease to free up or for the next lookup.
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(pause):
+                            await self._progress.wait()
                     continue
-                if found is not None:
-                    for d in horizon:
-                        ps = found.chunks.get(d) or \
-                            ([found.fetching[d]] if d in found.fetching else [])
-                        if ps:
-                            waiting.discard(d)
-                            cands[d] = ps
-                    mine = {d: todo[d] for d in found.leases if d in waiting}
-                    if mine:
-                        waiting.difference_update(mine)
-                        self.metrics.source_fetches.labels("leased").inc(len(mine))
-                        task = asyncio.create_task(self._from_source(mine, out, t0))
-                        jobs[task] = (list(mine), 0)
-            for p, ds in self._bulk_batches(cands, todo):
-                n = sum(todo[d].size for d in ds)
-                self._bulk_bytes += n
-                task = asyncio.create_task(self._peer_batch(p, ds, todo, out, t0, retry))
-                jobs[task] = (ds, n)
-            # When to look again: at the next lookup, or in a moment if one was due but not
-            # made (unregistered, or enough candidates while a source fetch runs); never at
-            # once, or this loop would spin.
-            pause = next_lookup - time.monotonic()
-            if pause <= 0:
-                pause = RETRY_PAUSE
-            if not jobs:
-                # Nothing on its way: wait for a lease to free up or for the next lookup.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(pause):
-                        await self._progress.wait()
-                continue
-            wake = pause if waiting else None
-            done, _ = await asyncio.wait(jobs, timeout=wake, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                ds, n = jobs.pop(task)
-                self._bulk_bytes -= n
-                for d in ds:
-                    if d in out:
-                        deadline = time.monotonic() + patience
-                    elif d in retry:
-                        retry.discard(d)
-                        waiting.add(d)  # busy or not there yet: look it up again
-                    else:
-                        failures[d] = failures.get(d, 0) + 1
-                        if failures[d] >= self.config.k:
-                            to_source[d] = todo[d]
+                wake = pause if waiting else None
+                done, _ = await asyncio.wait(jobs, timeout=wake,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    ds, n = jobs.pop(task)
+                    self._bulk_bytes -= n
+                    for d in ds:
+                        if d in out:
+                            deadline = time.monotonic() + patience
+                        elif d in retry:
+                            retry.discard(d)
+                            waiting.add(d)  # busy or not there yet: look it up again
                         else:
-                            waiting.add(d)
-        for task in jobs:
-            task.cancel()
-        self._bulk_bytes -= sum(n for _, n in jobs.values())
-        await asyncio.gather(*jobs, return_exceptions=True)
+                            failures[d] = failures.get(d, 0) + 1
+                            if failures[d] >= self.config.k:
+                                to_source[d] = todo[d]
+                            else:
+                                waiting.add(d)
+            # What is on its way lands (a peer request ends within fetch.peer_timeout, a
+            # source read within its backend's timeouts) rather than being fetched again.
+            await asyncio.gather(*jobs, return_exceptions=True)
+        finally:
+            for task in jobs:  # still running only when this fetch itself was cancelled
+                task.cancel()
+            self._bulk_bytes -= sum(n for _, n in jobs.values())
         m = self.metrics.source_fetches
         m.labels("failed").inc(len(to_source))
         rest = {d: todo[d] for d in todo if d not in out and d not in to_source}
