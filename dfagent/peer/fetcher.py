@@ -35,20 +35,23 @@
    withdrawn.
 
 **Bulk** fetches (``get_many(..., bulk=True)``: prefetch hints, ``deliver: none``, preheat;
-many chunks nobody reads yet) run the same steps as a pipeline instead of in rounds: the
-chunks are taken in the caller's order, the next ``BULK_HORIZON`` bytes of those still
-waiting are looked up (with leases) whenever there is room, leased chunks go to the source at
-once, and chunks at peers are asked for as soon as fewer than ``BULK_WINDOW`` bytes are on
-their way from peers (shared by all bulk fetches of the node). Rounds would leave links idle:
-a round waits for its slowest batch, and its source fetch for its peer batches, before it
-asks for more. When every node prefetches the same image in the same order they look at the
-same horizon, so the supernode spreads that horizon's leases over the nodes (each holds at
-most its lease budget) and each chunk crosses the source link once, then goes from its
-leaseholder, and whoever got it next, to the rest: the source link and every node's links
-stay busy at once, which is what reaching the fan-out lower bound needs (DESIGN §6). A chunk
-peers failed ``fetch.k`` times, and whatever is still waiting when nothing arrived on the node
-for ``LEASE_WAITS`` times ``fetch.lease_wait``, goes to the source; so does everything when
-the agent has had no supernode since it started. A registration lost on the way (a loaded supernode
+many chunks nobody reads yet) run the same steps as a pipeline instead of in rounds: the chunks
+are taken in the caller's order; the next of those still waiting, as many as fit in the room
+left in ``BULK_WINDOW`` (bytes on their way from peers, shared by all bulk fetches of the node;
+at least ``PEER_BATCH_BYTES``), are looked up (with leases) whenever there is room or no source
+fetch runs; leased chunks go to the source at once, and chunks at peers are asked for at once.
+Only what is about to be asked for is looked up, because a lookup also records the requester as
+*expected* to hold those chunks, and the supernode points others at it. A peer that could not
+give a chunk yet is asked again only after its other candidates. Rounds would leave links idle:
+a round waits for its slowest batch, and its source fetch for its peer batches, before it asks
+for more. When every node prefetches the same image in the same order they look at the same
+horizon, so the supernode spreads that horizon's leases over the nodes (each holds at most its
+lease budget) and each chunk crosses the source link once, then goes from its leaseholder, and
+whoever got it next, to the rest: the source link and every node's links stay busy at once,
+which is what reaching the fan-out lower bound needs (DESIGN §6). A chunk peers failed
+``fetch.k`` times, and whatever is still waiting when nothing arrived on the node for
+``LEASE_WAITS`` times ``fetch.lease_wait``, goes to the source; so does everything when the
+agent has had no supernode since it started. A registration lost on the way (a loaded supernode
 missed a heartbeat) is waited out, not taken as a reason to send an image to the source.
 
 Nothing here raises for a chunk that cannot be had: each gets an :class:`Outcome` with a
@@ -92,7 +95,6 @@ LEASE_WAITS = 3  # a fetch waits on others at most this many ``fetch.lease_wait`
 PEER_BATCH_BYTES = 2 << 20  # source bytes of the chunks asked of one peer in one request
 INLINE_VERIFY = 256 * 1024  # chunks up to this size are verified on the event loop
 BULK_WINDOW = 16 << 20  # source bytes a node asks of peers at once in bulk fetches
-BULK_HORIZON = 64 << 20  # source bytes of the waiting chunks a bulk fetch looks up at once
 BULK_LOOKUP = 256  # digests per bulk lookup (a busy supernode answers small ones in time)
 MAX_BULK_STEPS = 100_000  # bound on the steps of one bulk fetch (time bounds it first)
 
@@ -326,7 +328,11 @@ class Fetcher:
         cands: dict[str, list[PeerRef]] = {}  # at (or coming to) peers, not asked yet
         failures: dict[str, int] = {}
         to_source: dict[str, ChunkWant] = {}
-        jobs: dict[asyncio.Task[None], tuple[list[str], int]] = {}  # digests, peer bytes
+        jobs: dict[asyncio.Task[None], tuple[list[str], int, str]] = {}  # digests, bytes, peer
+        # Peers that could not give a chunk yet: asked again only once every other candidate
+        # was (the supernode also lists peers only *expected* to hold it, and asking the same
+        # one again and again made the last chunks of an image take seconds).
+        tried: dict[str, set[str]] = {}
         retry: set[str] = set()
         patience = self.config.lease_wait * LEASE_WAITS
         deadline = time.monotonic() + patience
@@ -349,19 +355,21 @@ class Fetcher:
                     if now - self._arrived_at >= patience:
                         break
                     deadline = self._arrived_at + patience
-                sourcing = any(not n for _, n in jobs.values())
+                sourcing = any(not n for _, n, _ in jobs.values())
                 # A lost registration (a heartbeat a loaded supernode did not answer in time) is
                 # waited out: the swarm registers again within a second or two, and meanwhile
                 # the candidates known and the fetches running go on.
+                room = BULK_WINDOW - self._bulk_bytes - sum(todo[d].size for d in cands)
                 if connected and waiting and now >= next_lookup and (
-                        len(cands) < self.config.batch * 4 or not sourcing):
+                        room >= PEER_BATCH_BYTES or not sourcing):
                     next_lookup = now + RETRY_PAUSE
                     while head < len(order) and (order[head] in out or order[head] in to_source):
                         head += 1
                     horizon: list[str] = []
                     size = 0
+                    limit = max(room, PEER_BATCH_BYTES)
                     for d in order[head:]:
-                        if size >= BULK_HORIZON or len(horizon) >= BULK_LOOKUP:
+                        if size >= limit or len(horizon) >= BULK_LOOKUP:
                             break
                         if d in waiting:
                             horizon.append(d)
@@ -385,12 +393,12 @@ class Fetcher:
                             waiting.difference_update(mine)
                             self.metrics.source_fetches.labels("leased").inc(len(mine))
                             task = asyncio.create_task(self._from_source(mine, out, t0))
-                            jobs[task] = (list(mine), 0)
-                for p, ds in self._bulk_batches(cands, todo):
+                            jobs[task] = (list(mine), 0, "")
+                for p, ds in self._bulk_batches(cands, todo, tried):
                     n = sum(todo[d].size for d in ds)
                     self._bulk_bytes += n
                     task = asyncio.create_task(self._peer_batch(p, ds, todo, out, t0, retry))
-                    jobs[task] = (ds, n)
+                    jobs[task] = (ds, n, p.id)
                 # When to look again: at the next lookup, or in a moment if one was due but not
                 # made (unregistered, or enough candidates while a source fetch runs); never at
                 # once, or this loop would spin.
@@ -407,12 +415,16 @@ class Fetcher:
                 done, _ = await asyncio.wait(jobs, timeout=wake,
                                              return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
-                    ds, n = jobs.pop(task)
+                    ds, n, peer_id = jobs.pop(task)
                     self._bulk_bytes -= n
                     for d in ds:
                         if d in out:
                             deadline = time.monotonic() + patience
-                        elif d in retry:
+                            tried.pop(d, None)
+                            continue
+                        if peer_id:
+                            tried.setdefault(d, set()).add(peer_id)
+                        if d in retry:
                             retry.discard(d)
                             waiting.add(d)  # busy or not there yet: look it up again
                         else:
@@ -427,7 +439,7 @@ class Fetcher:
         finally:
             for task in jobs:  # still running only when this fetch itself was cancelled
                 task.cancel()
-            self._bulk_bytes -= sum(n for _, n in jobs.values())
+            self._bulk_bytes -= sum(n for _, n, _ in jobs.values())
         m = self.metrics.source_fetches
         m.labels("failed").inc(len(to_source))
         rest = {d: todo[d] for d in todo if d not in out and d not in to_source}
@@ -438,19 +450,23 @@ class Fetcher:
                  sum(1 for n in failures.values() if n >= self.config.k))
         return await self._finish(to_source, out, t0)
 
-    def _bulk_batches(self, cands: dict[str, list[PeerRef]], todo: dict[str, ChunkWant]
-                      ) -> list[tuple[PeerRef, list[str]]]:
+    def _bulk_batches(self, cands: dict[str, list[PeerRef]], todo: dict[str, ChunkWant],
+                      tried: dict[str, set[str]]) -> list[tuple[PeerRef, list[str]]]:
         """Requests to peers for candidates in ``cands`` (taken out of it), in its order,
         while this node's bulk bytes on their way from peers stay under ``BULK_WINDOW``:
-        each chunk from its best candidate now (``_choose``), at most ``fetch.batch`` chunks
-        and about ``PEER_BATCH_BYTES`` per request."""
+        each chunk from its best candidate now (``_choose``), one not in ``tried[d]`` while
+        there is one, at most ``fetch.batch`` chunks and about ``PEER_BATCH_BYTES`` per
+        request."""
         room = BULK_WINDOW - self._bulk_bytes
         groups: dict[str, tuple[PeerRef, list[str], int]] = {}
         batches: list[tuple[PeerRef, list[str]]] = []
         for d in list(cands):
             if room <= 0:
                 break
-            p = self._choose(cands[d], set())
+            p = self._choose(cands[d], tried.get(d, set()))
+            if p is None and d in tried:
+                del tried[d]  # every candidate was tried: start over
+                p = self._choose(cands[d], set())
             if p is None:
                 continue  # every candidate is paused as bad: the lookup finds others
             del cands[d]
