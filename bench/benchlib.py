@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -23,12 +24,14 @@ __all__ = [
     "CACHE_DIR",
     "REPO_DIR",
     "RESULTS_DIR",
+    "can_run",
     "drop_caches",
     "load_result",
     "machine_info",
     "median",
     "save_result",
     "source_revision",
+    "stop_process",
     "tool_version",
 ]
 
@@ -128,6 +131,36 @@ def load_result(name: str) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data
+
+
+def can_run(name: str, tools: Sequence[str] = ()) -> bool:
+    """Whether benchmark ``name`` can run here: root, ``/dev/fuse`` and every one of
+    ``tools`` on PATH; if not, say what is missing on stderr."""
+    import shutil
+
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+        print(f"{name}: needs root and /dev/fuse", file=sys.stderr)
+        return False
+    for tool in tools:
+        if shutil.which(tool) is None:
+            print(f"{name}: {tool} not found (`make setup`)", file=sys.stderr)
+            return False
+    return True
+
+
+def stop_process(proc: subprocess.Popen[Any], grace: float) -> int | None:
+    """Stop a process started here, by PID: SIGTERM, SIGKILL after ``grace`` seconds; its exit
+    status (``None`` if it could not be waited for)."""
+    if proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=grace)
+        except ProcessLookupError:
+            pass
+    return proc.returncode
 
 
 def process_alive(pid: int) -> bool:

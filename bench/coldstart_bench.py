@@ -78,11 +78,13 @@ from typing import Any
 from benchlib import (
     CACHE_DIR,
     REPO_DIR,
+    can_run,
     drop_caches,
     machine_info,
     median,
     process_alive,
     save_result,
+    stop_process,
     tool_version,
 )
 from oci_images import (
@@ -295,14 +297,8 @@ class MountService:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=WAIT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=WAIT)
+        if proc is not None:
+            stop_process(proc, WAIT)
 
 
 class NydusMount:
@@ -505,13 +501,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS),
                     help="comma-separated subset of " + ", ".join(METHODS))
     args = ap.parse_args(argv)
-    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
-        print("coldstart_bench: needs root and /dev/fuse", file=sys.stderr)
+    if not can_run("coldstart_bench",
+                   ("runc", "umoci", "skopeo", "docker-registry", "tc", "nsenter")):
         return 1
-    for tool in ("runc", "umoci", "skopeo", "docker-registry", "tc", "nsenter"):
-        if shutil.which(tool) is None:
-            print(f"coldstart_bench: {tool} not found (`make setup`)", file=sys.stderr)
-            return 1
     rates = [r.strip() for r in args.rates.split(",") if r.strip()]
     for r in rates:
         mbit_to_bytes(r)

@@ -47,13 +47,11 @@ docker-registry.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import random
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -62,9 +60,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchlib import CACHE_DIR, REPO_DIR, machine_info, median, process_alive, save_result
+from benchlib import (
+    CACHE_DIR,
+    REPO_DIR,
+    can_run,
+    machine_info,
+    median,
+    process_alive,
+    save_result,
+)
 from netlab import Host, LabError, NetLab, exit_on_signals, rate_bytes
 from oci_images import BenchError, OciImage, ensure_image, run
+
+from nydusfs.status import UnixHTTPConnection
 
 __all__ = [
     "DATA_SEED",
@@ -165,24 +173,6 @@ def registry_blob_bytes(log: Path, offset: int = 0) -> tuple[int, int, int]:
 
 
 # --------------------------------------------------------------------------- processes in the lab
-
-
-class _UnixHTTP(http.client.HTTPConnection):
-    """HTTP over a Unix socket (the agent's local API; pathname sockets cross namespaces)."""
-
-    def __init__(self, path: Path, timeout: float) -> None:
-        super().__init__("dfagent", timeout=timeout)
-        self._path = str(path)
-
-    def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        try:
-            s.connect(self._path)
-        except BaseException:
-            s.close()
-            raise
-        self.sock = s
 
 
 @dataclass
@@ -353,7 +343,7 @@ class LabCluster:
 
     def peer_request(self, node: str, path: str) -> bytes:
         """GET ``path`` on ``node``'s agent local API (its Unix socket, reachable from here)."""
-        conn = _UnixHTTP(self.peer_socket(node), 30.0)
+        conn = UnixHTTPConnection(self.peer_socket(node), 30.0)
         try:
             conn.request("GET", path)
             resp = conn.getresponse()
@@ -587,13 +577,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true",
                     help="keep the work directory (logs of the last sample) at the end")
     args = ap.parse_args(argv)
-    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
-        print("fanout_bench: needs root and /dev/fuse", file=sys.stderr)
+    if not can_run("fanout_bench", ("ip", "tc", "nsenter", "umoci", "skopeo", "docker-registry")):
         return 1
-    for tool in ("ip", "tc", "nsenter", "umoci", "skopeo", "docker-registry"):
-        if shutil.which(tool) is None:
-            print(f"fanout_bench: {tool} not found (`make setup`)", file=sys.stderr)
-            return 1
     if not 1 <= args.nodes <= 60:
         print("fanout_bench: --nodes 1..60", file=sys.stderr)
         return 2

@@ -27,6 +27,7 @@ from typing import Any
 from benchlib import (
     CACHE_DIR,
     REPO_DIR,
+    can_run,
     drop_caches,
     machine_info,
     median,
@@ -77,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=5, help="interleaved rounds over all sizes")
     ap.add_argument("--workdir", type=Path, default=CACHE_DIR / "mount")
     args = ap.parse_args(argv)
-    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
-        print("mount_bench: needs root and /dev/fuse", file=sys.stderr)
+    if not can_run("mount_bench"):
         return 1
     sizes = [int(s) for s in args.sizes.split(",")]
     work: Path = args.workdir

@@ -52,6 +52,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
 
+from benchlib import stop_process
+
 __all__ = [
     "DEFAULT_PREFIX",
     "DEFAULT_SUBNET",
@@ -283,16 +285,7 @@ class NetLab:
         """SIGTERM by PID, SIGKILL after ``grace`` seconds; the exit status."""
         if proc in self._procs:
             self._procs.remove(proc)
-        if proc.poll() is None:
-            try:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=grace)
-            except ProcessLookupError:
-                pass
-        return proc.returncode
+        return stop_process(proc, grace)
 
     def wait_port(self, name: str, host: str, port: int, timeout: float = 30.0) -> None:
         """Wait (bounded) until a TCP connect from host ``name`` to ``host:port`` succeeds."""

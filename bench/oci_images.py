@@ -37,7 +37,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -48,7 +47,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchlib import CACHE_DIR, process_alive
+from benchlib import CACHE_DIR, process_alive, stop_process
 
 __all__ = [
     "APP_MAIN",
@@ -380,14 +379,8 @@ class Registry:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        if proc is not None:
+            stop_process(proc, 10)
 
     def pid(self) -> int | None:
         return None if self.proc is None else self.proc.pid

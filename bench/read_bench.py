@@ -53,6 +53,7 @@ from benchlib import (
     BENCH_DIR,
     CACHE_DIR,
     REPO_DIR,
+    can_run,
     drop_caches,
     load_result,
     machine_info,
@@ -425,8 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = load_result("read") if args.merge else None
     if args.merge and previous is None:
         ap.error("--merge: no earlier bench/.cache/results/read.json to merge into")
-    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
-        print("read_bench: needs root and /dev/fuse", file=sys.stderr)
+    if not can_run("read_bench"):
         return 1
     if "rootfs" in wanted and not (args.rootfs / "usr" / "bin" / "python3").exists():
         subprocess.run([str(BENCH_DIR / "rootfs.sh"), str(args.rootfs)], check=True)

@@ -30,7 +30,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -40,7 +39,7 @@ from typing import Any
 
 import aiohttp
 import blake3
-from benchlib import CACHE_DIR, REPO_DIR, machine_info, median, save_result
+from benchlib import CACHE_DIR, REPO_DIR, machine_info, median, save_result, stop_process
 
 from nydusfs.format import chunkfile
 
@@ -109,13 +108,8 @@ class Server:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=WAIT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=WAIT)
+        if proc is not None:
+            stop_process(proc, WAIT)
 
 
 async def load(base: str, digests: list[str], mode: str, concurrency: int, batch: int,

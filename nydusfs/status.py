@@ -17,10 +17,13 @@ from pathlib import Path
 from nydusfs.errors import NydusfsError
 from nydusfs.fs.api import api_socket_path
 
-__all__ = ["format_status", "query_status"]
+__all__ = ["UnixHTTPConnection", "format_status", "query_status"]
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """Blocking HTTP over a Unix socket (the status API here; also what the tests and the
+    benchmarks use to ask a dfagent peer's local API)."""
+
     def __init__(self, path: Path, timeout: float) -> None:
         super().__init__("localhost", timeout=timeout)
         self._path = path
@@ -41,7 +44,7 @@ def query_status(
 ) -> dict[str, object]:
     """GET /api/v1/status from the daemon serving ``mountpoint``."""
     path = socket_path if socket_path is not None else api_socket_path(mountpoint, create=False)
-    conn = _UnixHTTPConnection(path, timeout)
+    conn = UnixHTTPConnection(path, timeout)
     try:
         conn.request("GET", "/api/v1/status")
         resp = conn.getresponse()

@@ -160,6 +160,7 @@ _TOP = ("id", "supernodes", "listen", "advertise", "socket", "data_dir", "quota"
 
 def parse_config(raw: object, *, base_dir: Path) -> PeerConfig:
     """Validate an already-parsed document (``None`` = empty); relative paths join ``base_dir``."""
+    from dfagent.supernode.config import cluster_token
     from dfagent.supernode.model import check_peer_id, parse_address, parse_zone
 
     doc = _section(raw, "")
@@ -192,17 +193,9 @@ def parse_config(raw: object, *, base_dir: Path) -> PeerConfig:
         if "rate" in d:
             up["rate"] = _size(d["rate"], "upload.rate", minimum=0, rate=True)
         kw["upload"] = UploadConfig(**up)  # type: ignore[arg-type]
-    if doc.get("token") is not None and doc.get("token_file") is not None:
-        raise ConfigError("token_file: give token or token_file, not both")
-    if doc.get("token") is not None:
-        kw["token"] = _token(doc["token"], "token")
-    if doc.get("token_file") is not None:
-        tpath = _path(doc["token_file"], "token_file", base_dir)
-        try:
-            text = tpath.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"token_file: cannot read {tpath}: {exc}") from exc
-        kw["token"] = _token(text.strip(), "token_file")
+    token = cluster_token(doc, base_dir)
+    if token is not None:
+        kw["token"] = token
     if doc.get("metrics") is not None:
         kw["metrics"] = _host_port(doc["metrics"], "metrics")
     if "fetch" in doc:
@@ -225,15 +218,6 @@ def _supernodes(raw: object) -> tuple[str, ...]:
                               f"got {text!r}")
         out.append(text.rstrip("/"))
     return tuple(out)
-
-
-def _token(value: object, where: str) -> str:
-    token = _str(value, where)
-    if not token.isascii() or not token.isprintable() or " " in token:
-        raise ConfigError(f"{where}: must be printable ASCII without spaces")
-    if len(token) < 16:
-        raise ConfigError(f"{where}: too short ({len(token)} characters; use at least 16)")
-    return token
 
 
 def _fetch(raw: object) -> FetchConfig:

@@ -49,6 +49,7 @@ __all__ = [
     "StoreConfig",
     "SupernodeConfig",
     "TlsConfig",
+    "cluster_token",
     "load_config",
     "parse_config",
 ]
@@ -135,17 +136,9 @@ def parse_config(raw: object, *, base_dir: Path) -> SupernodeConfig:
             raise ConfigError(f"k: at most {MAX_K}, got {kw['k']}")
     if "leases" in doc:
         kw["leases"] = _leases(doc["leases"])
-    if doc.get("token") is not None and doc.get("token_file") is not None:
-        raise ConfigError("token_file: give token or token_file, not both")
-    if doc.get("token") is not None:
-        kw["token"] = _token(doc["token"], "token")
-    if doc.get("token_file") is not None:
-        tpath = _path(doc["token_file"], "token_file", base_dir)
-        try:
-            text = tpath.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"token_file: cannot read {tpath}: {exc}") from exc
-        kw["token"] = _token(text.strip(), "token_file")
+    token = cluster_token(doc, base_dir)
+    if token is not None:
+        kw["token"] = token
     if doc.get("tls") is not None:
         tls = _section(doc["tls"], "tls")
         _check_keys(tls, "tls", ("cert", "key"))
@@ -155,6 +148,24 @@ def parse_config(raw: object, *, base_dir: Path) -> SupernodeConfig:
         kw["tls"] = TlsConfig(cert=_path(tls["cert"], "tls.cert", base_dir),
                               key=_path(tls["key"], "tls.key", base_dir))
     return SupernodeConfig(**kw)  # type: ignore[arg-type]  # keys and types checked above
+
+
+def cluster_token(doc: dict[str, object], base_dir: Path) -> str | None:
+    """The cluster token of a supernode or peer config: ``token`` or ``token_file`` (not
+    both; the file's text stripped); ``None`` when neither is set. Printable ASCII without
+    spaces, at least 16 characters."""
+    if doc.get("token") is not None and doc.get("token_file") is not None:
+        raise ConfigError("token_file: give token or token_file, not both")
+    if doc.get("token") is not None:
+        return _token(doc["token"], "token")
+    if doc.get("token_file") is None:
+        return None
+    tpath = _path(doc["token_file"], "token_file", base_dir)
+    try:
+        text = tpath.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"token_file: cannot read {tpath}: {exc}") from exc
+    return _token(text.strip(), "token_file")
 
 
 def _token(value: object, where: str) -> str:

@@ -17,8 +17,8 @@ Example::
 
 from __future__ import annotations
 
-import http.client
 import json
+import os
 import queue
 import re
 import signal
@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from supernode.helpers import stop_process
+
+from nydusfs.status import UnixHTTPConnection
 
 __all__ = ["Cluster", "PeerProcess", "SupernodeProcess", "assert_same_tree", "free_port", "metric",
            "wait_until"]
@@ -156,18 +158,6 @@ class SupernodeProcess(_Process):
             raise
 
 
-class _UnixHTTP(http.client.HTTPConnection):
-    def __init__(self, path: Path, timeout: float) -> None:
-        super().__init__("dfagent", timeout=timeout)
-        self._path = str(path)
-
-    def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        s.connect(self._path)
-        self.sock = s
-
-
 @dataclass
 class PeerProcess(_Process):
     name: str = ""
@@ -181,7 +171,7 @@ class PeerProcess(_Process):
 
     def request(self, method: str, path: str, body: Any = None,
                 timeout: float = 60.0) -> tuple[int, bytes]:
-        conn = _UnixHTTP(self.socket, timeout)
+        conn = UnixHTTPConnection(self.socket, timeout)
         try:
             payload = json.dumps(body).encode() if body is not None else None
             headers = {"Content-Type": "application/json"} if payload is not None else {}
@@ -283,3 +273,29 @@ def assert_same_tree(mnt: Path, tree: Path) -> int:
             assert got == path.read_bytes(), f"{path.relative_to(tree)} differs"
             total += len(got)
     return total
+
+
+def convert_sample_image(registry: Any, repo: str, tmp: Path
+                         ) -> tuple[Path, Path, dict[str, int]]:
+    """The end-to-end tests' image: a small tree (random libraries, compressible text, small
+    config files) pushed to ``registry`` as ``REPO-src:1`` and converted to ``REPO:1`` with
+    64 KiB chunks. Returns the tree, the conversion's output directory (its ``bootstrap``)
+    and the nydusfs blob layers (digest -> size)."""
+    from oci.images import nydusfs, pull_manifest
+    from registry_server import push_oci_dirs
+
+    tree = tmp / "tree"
+    (tree / "usr" / "lib").mkdir(parents=True)
+    (tree / "etc").mkdir()
+    (tree / "usr" / "lib" / "big.so").write_bytes(os.urandom((2 << 20) + 12345))
+    (tree / "usr" / "lib" / "mid.so").write_bytes(os.urandom(700_000))
+    (tree / "usr" / "lib" / "text").write_bytes(b"compressible line\n" * 40_000)
+    for i in range(20):
+        (tree / "etc" / f"conf{i}").write_bytes(f"setting {i}\n".encode() * (i + 1))
+    push_oci_dirs(registry.host, f"{repo}-src:1", [tree])
+    out = tmp / "converted"
+    proc = nydusfs("convert", f"{registry.host}/{repo}-src:1", f"{registry.host}/{repo}:1",
+                   "--chunk-size", "64K", "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    manifest = pull_manifest(registry, repo, "1")
+    return tree, out, {layer["digest"]: layer["size"] for layer in manifest["layers"][:-1]}

@@ -8,9 +8,11 @@ through ``ImageFS``, so the requests are the ones a mount sends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -147,24 +149,31 @@ def test_requests_without_chunk_identity_go_to_the_source(
     run(be.close())
 
 
+@contextlib.asynccontextmanager
+async def _mute_agent(sock: Path) -> AsyncIterator[None]:
+    """A Unix socket that reads each request and never answers, as a hung agent does."""
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1 << 16)
+        await asyncio.sleep(3600)
+
+    server = await asyncio.start_unix_server(mute, path=str(sock))
+    try:
+        yield
+    finally:
+        server.close()
+
+
 def test_agent_that_never_answers_times_out_to_the_source(
         image: tuple[Path, dict[str, bytes]], tmp_path: Path) -> None:
     img, files = image
     sock = tmp_path / "mute.sock"
 
     async def go() -> None:
-        async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await reader.read(1 << 16)  # reads the request, never answers
-            await asyncio.sleep(3600)
-
-        server = await asyncio.start_unix_server(mute, path=str(sock))
-        try:
+        async with _mute_agent(sock):
             fs = _fs(img, sock, timeout="200ms")
             assert await _read(fs, "small") == files["small"]
             assert _dragonfly(fs).counters.fallbacks == 1
             await fs.backend.close()
-        finally:
-            server.close()
 
     run(go())
 
@@ -181,12 +190,7 @@ def test_a_hung_agent_is_found_by_a_health_check_long_before_the_timeout(
     monkeypatch.setattr(dragonfly, "PROBE_TIMEOUT", 0.05)
 
     async def go() -> None:
-        async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await reader.read(1 << 16)
-            await asyncio.sleep(3600)
-
-        server = await asyncio.start_unix_server(mute, path=str(sock))
-        try:
+        async with _mute_agent(sock):
             fs = _fs(img, sock, timeout="1h", retry_after="1h")
             async with asyncio.timeout(60):  # far below the hour of ``timeout``
                 assert await _read(fs, "small") == files["small"]
@@ -195,8 +199,6 @@ def test_a_hung_agent_is_found_by_a_health_check_long_before_the_timeout(
             assert df.counters.fallbacks == 1  # then left alone: not asked again
             assert df.counters.agent_chunks == 0 and df.counters.fallback_chunks > 1
             await fs.backend.close()
-        finally:
-            server.close()
 
     run(go())
 

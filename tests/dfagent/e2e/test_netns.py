@@ -29,9 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cluster import assert_same_tree, metric
-from oci.images import nydusfs, pull_manifest
-from registry_server import RegistryServer, push_oci_dirs
+from cluster import assert_same_tree, convert_sample_image, metric
+from registry_server import RegistryServer
 
 _BENCH = str(Path(__file__).resolve().parents[3] / "bench")
 if _BENCH not in sys.path:
@@ -79,21 +78,7 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Image]:
     registry = RegistryServer(tmp / "registry")
     registry.start()
     try:
-        tree = tmp / "tree"
-        (tree / "usr" / "lib").mkdir(parents=True)
-        (tree / "etc").mkdir()
-        (tree / "usr" / "lib" / "big.so").write_bytes(os.urandom(2 * MiB + 12345))
-        (tree / "usr" / "lib" / "mid.so").write_bytes(os.urandom(700_000))
-        (tree / "usr" / "lib" / "text").write_bytes(b"compressible line\n" * 40_000)
-        for i in range(20):
-            (tree / "etc" / f"conf{i}").write_bytes(f"setting {i}\n".encode() * (i + 1))
-        push_oci_dirs(registry.host, f"{REPO}-src:1", [tree])
-        out = tmp / "converted"
-        proc = nydusfs("convert", f"{registry.host}/{REPO}-src:1", f"{registry.host}/{REPO}:1",
-                       "--chunk-size", "64K", "-o", out, "--json")
-        assert proc.returncode == 0, proc.stderr
-        manifest = pull_manifest(registry, REPO, "1")
-        data = {layer["digest"]: layer["size"] for layer in manifest["layers"][:-1]}
+        tree, out, data = convert_sample_image(registry, REPO, tmp)
         from nydusfs.format.reader import Bootstrap
 
         with Bootstrap.open(out / "bootstrap") as boot:

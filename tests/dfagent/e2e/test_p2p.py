@@ -20,10 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster import Cluster, PeerProcess, assert_same_tree, metric, wait_until
+from cluster import (
+    Cluster,
+    PeerProcess,
+    assert_same_tree,
+    convert_sample_image,
+    metric,
+    wait_until,
+)
 from fs.conftest import NydusMount
-from oci.images import RefMount, blob_gets, nydusfs, pull_manifest
-from registry_server import RegistryServer, push_oci_dirs
+from oci.images import RefMount, blob_gets
+from registry_server import RegistryServer
 
 from nydusfs.format import chunkfile
 from nydusfs.format.reader import Bootstrap
@@ -66,23 +73,8 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Image]:
     registry = RegistryServer(tmp / "registry")
     registry.start()
     try:
-        tree = tmp / "tree"
-        (tree / "usr" / "lib").mkdir(parents=True)
-        (tree / "etc").mkdir()
-        rnd = os.urandom
-        (tree / "usr" / "lib" / "big.so").write_bytes(rnd(2 * MiB + 12345))
-        (tree / "usr" / "lib" / "mid.so").write_bytes(rnd(700_000))
-        (tree / "usr" / "lib" / "text").write_bytes(b"compressible line\n" * 40_000)
-        for i in range(20):
-            (tree / "etc" / f"conf{i}").write_bytes(f"setting {i}\n".encode() * (i + 1))
-        push_oci_dirs(registry.host, f"{REPO}-src:1", [tree])
+        tree, out, data = convert_sample_image(registry, REPO, tmp)
         ref = f"{registry.host}/{REPO}:1"
-        out = tmp / "converted"
-        proc = nydusfs("convert", f"{registry.host}/{REPO}-src:1", ref, "--chunk-size", "64K",
-                       "-o", out)
-        assert proc.returncode == 0, proc.stderr
-        manifest = pull_manifest(registry, REPO, "1")
-        data = {layer["digest"]: layer["size"] for layer in manifest["layers"][:-1]}
         yield Image(registry, ref, tree, data, out / "bootstrap",
                     {"type": "registry", "host": registry.host, "repository": REPO})
     finally:
