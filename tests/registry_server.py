@@ -340,8 +340,18 @@ class RegistryServer:
             return "(no log)"
 
     def access_log(self) -> list[AccessEntry]:
-        """Every request served so far, in order (the registry writes its access log
-        unbuffered, so this is up to date once a response has been received)."""
+        """Every request served so far, in order. The registry writes a request's line after
+        its response went out, so a client can be a moment ahead of the log: this waits
+        (bounded) until the log has stopped growing, and counts taken before and after a
+        client's requests then hold exactly those requests (without the wait, a previous
+        request's late line was sometimes counted as the next test's)."""
+        length = -1
+        for _ in range(100):
+            now = self.access_file.stat().st_size if self.access_file.exists() else 0
+            if now == length:
+                break
+            length = now
+            time.sleep(0.05)
         out = []
         for line in self.access_file.read_text(errors="replace").splitlines():
             m = _ACCESS.search(line)
