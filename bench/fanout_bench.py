@@ -47,6 +47,7 @@ docker-registry.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -54,6 +55,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -77,6 +79,7 @@ from nydusfs.status import UnixHTTPConnection
 __all__ = [
     "DATA_SEED",
     "LabCluster",
+    "LinkTimeline",
     "MountHandle",
     "ensure_fanout_image",
     "lower_bound",
@@ -220,6 +223,8 @@ class LabCluster:
     supernode: subprocess.Popen[bytes] | None = None
     peers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     mounts: dict[str, MountHandle] = field(default_factory=dict)
+    peer_log_level: str = "info"
+    services: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property
     def nodes(self) -> list[str]:
@@ -326,8 +331,8 @@ class LabCluster:
             f"{extra}")
         log = d / "peer.log"
         log.unlink(missing_ok=True)
-        self.peers[node] = self.lab.spawn(node, [*DFAGENT, "peer", "--config", str(cfg)],
-                                          log=log)
+        self.peers[node] = self.lab.spawn(node, [*DFAGENT, "--log-level", self.peer_log_level,
+                                                 "peer", "--config", str(cfg)], log=log)
 
     def wait_peers(self) -> None:
         """Every peer listens and is registered at the supernode (bounded)."""
@@ -407,17 +412,45 @@ class LabCluster:
         cfg.write_text("\n".join(lines) + "\n")
         return cfg
 
+    def service_socket(self, node: str) -> Path:
+        return self.work / node / "service.sock"
+
+    def start_services(self) -> None:
+        """``nydusfs service`` (the resident mount service) on every node, as a node runs it
+        next to its agent: mounts are forked from a process that has imported everything,
+        not started from scratch by eight ``nydusfs mount`` commands sharing two cores."""
+        for node in self.nodes:
+            sock = self.service_socket(node)
+            sock.unlink(missing_ok=True)
+            self.services[node] = self.lab.spawn(
+                node, [*NYDUSFS, "service", "--socket", str(sock)],
+                log=self.work / node / "service.log")
+        deadline = time.monotonic() + WAIT
+        for node, proc in self.services.items():
+            while not self.service_socket(node).exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise BenchError(f"nydusfs service on {node} did not start: "
+                                     f"{(self.work / node / 'service.log').read_text()[-300:]}")
+                time.sleep(0.05)
+
+    def stop_services(self) -> None:
+        for node in list(self.services):
+            self.lab.stop(self.services.pop(node))
+
     def mount_all(self, ref: str, configs: dict[str, Path]) -> None:
-        """``nydusfs mount REF --background`` on every node in ``configs`` at once."""
+        """``nydusfs mount REF --background`` on every node in ``configs`` at once (through
+        the node's mount service when :meth:`start_services` ran)."""
         procs: dict[str, subprocess.Popen[str]] = {}
         for node, cfg in configs.items():
             mnt = self.work / node / "mnt"
             mnt.mkdir(parents=True, exist_ok=True)
             self.mounts[node] = MountHandle(node, mnt)
+            how = (["--service", "always", "--service-socket", str(self.service_socket(node))]
+                   if node in self.services else ["--service", "never"])
             procs[node] = subprocess.Popen(
                 [*self.h(node).nsenter(), *NYDUSFS, "mount", ref, str(mnt), "--config",
-                 str(cfg), "--background"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, text=True)
+                 str(cfg), "--background", *how], stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         errors = []
         for node, proc in procs.items():
             try:
@@ -442,6 +475,7 @@ class LabCluster:
 
     def close(self) -> None:
         self.close_mounts()
+        self.stop_services()
         self.stop_peers()
         self.stop_supernode()
         if self.registry is not None:
@@ -450,6 +484,66 @@ class LabCluster:
 
 
 # --------------------------------------------------------------------------- one sample
+
+
+class LinkTimeline:
+    """Bytes each host received and sent per ``interval`` during a sample, read from the lab's
+    bridge ports by a background thread (one ``ip -s -j link`` per tick).
+
+    Why: completion time alone does not say whether the links were busy. The timeline shows
+    how close each node's downlink came to its rate, and when: a slow start, a gap in the
+    middle, or a long tail once the registry is done (``utilization``)."""
+
+    def __init__(self, lab: NetLab, interval: float = 0.5, limit: float = 900.0) -> None:
+        self.lab = lab
+        self.interval = interval
+        self.limit = limit  # seconds: the sampler stops by itself after this
+        self.ticks: list[tuple[float, dict[str, tuple[int, int]]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="link-timeline", daemon=True)
+
+    def start(self) -> LinkTimeline:
+        self._t0 = time.perf_counter()
+        self.ticks.append((0.0, self.lab.port_counters()))
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        for _ in range(int(self.limit / self.interval)):
+            if self._stop.wait(self.interval):
+                return
+            try:
+                self.ticks.append((time.perf_counter() - self._t0, self.lab.port_counters()))
+            except LabError:
+                return
+
+    def stop(self) -> dict[str, Any]:
+        """Stop sampling; per host, the bytes received (``rx``) and sent (``tx``) in each
+        interval from the start (``t``: the end of each interval, seconds)."""
+        self._stop.set()
+        self._thread.join(timeout=10)
+        ticks = self.ticks
+        hosts = list(ticks[0][1])
+        out: dict[str, Any] = {"t": [round(t, 2) for t, _ in ticks[1:]],
+                               "rx": {h: [] for h in hosts}, "tx": {h: [] for h in hosts}}
+        for (_, a), (_, b) in itertools.pairwise(ticks):
+            for h in hosts:
+                if h in a and h in b:
+                    out["rx"][h].append(b[h][0] - a[h][0])
+                    out["tx"][h].append(b[h][1] - a[h][1])
+        return out
+
+
+def utilization(timeline: dict[str, Any], done: dict[str, float], rate: float) -> dict[str, float]:
+    """Per node, the bytes its downlink carried until it was done ÷ what the link could carry
+    in that time (``rate`` bytes/s): 1.0 is a link busy from start to finish."""
+    t = timeline["t"]
+    out: dict[str, float] = {}
+    for node, end in done.items():
+        rx = timeline["rx"].get(node, [])
+        got = sum(n for ti, n in zip(t, rx, strict=False) if ti <= end + 0.5)
+        out[node] = got / (rate * end) if end > 0 else 0.0
+    return out
 
 
 def wait_prefetch(cluster: LabCluster, t0: float, timeout: float) -> dict[str, float]:
@@ -501,10 +595,15 @@ def _cpu_seconds() -> float:
 def sample(cluster: LabCluster, method: str, ref: str, timeout: float) -> dict[str, Any]:
     """One sample of ``method`` (``registry`` or ``p2p``) from empty caches and stores."""
     if method == "p2p":
-        cluster.start_supernode()
-        for node in cluster.nodes:
-            cluster.start_peer(node)
-        cluster.wait_peers()
+        try:
+            cluster.start_supernode()
+            for node in cluster.nodes:
+                cluster.start_peer(node)
+            cluster.wait_peers()
+        except BaseException:  # the sample may be taken again: nothing may hold the ports
+            cluster.stop_peers()
+            cluster.stop_supernode()
+            raise
         configs = {n: cluster.mount_config(n, "dragonfly") for n in cluster.nodes}
     else:
         configs = {n: cluster.mount_config(n, "registry") for n in cluster.nodes}
@@ -512,6 +611,10 @@ def sample(cluster: LabCluster, method: str, ref: str, timeout: float) -> dict[s
     _, _, log_off = registry_blob_bytes(cluster.registry_log())
     cpu0 = _cpu_seconds()
     t0 = time.perf_counter()
+    shaped = cluster.h(cluster.nodes[0]).rate
+    link = rate_bytes(shaped) if shaped else 0.0
+    links = LinkTimeline(cluster.lab).start()
+    timeline: dict[str, Any] = {}
     try:
         cluster.mount_all(ref, configs)
         t_mounted = time.perf_counter() - t0
@@ -526,6 +629,7 @@ def sample(cluster: LabCluster, method: str, ref: str, timeout: float) -> dict[s
             for node in cluster.nodes:
                 metrics[node] = parse_metrics(cluster.peer_metrics(node))
     finally:
+        timeline = links.stop()
         cluster.close_mounts()
         if method == "p2p":
             cluster.stop_peers()
@@ -539,6 +643,8 @@ def sample(cluster: LabCluster, method: str, ref: str, timeout: float) -> dict[s
         "prefetch": {n: s.get("prefetch") for n, s in statuses.items()},
         "dragonfly": {n: s.get("dragonfly") for n, s in statuses.items() if s.get("dragonfly")},
         "peer_metrics": metrics,
+        "timeline": timeline,
+        "downlink_utilization": utilization(timeline, done, link) if link else {},
     }
 
 
@@ -574,6 +680,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image-mb", type=int, default=200, help="image size, MB compressed")
     ap.add_argument("--methods", default="registry,p2p")
     ap.add_argument("--workdir", type=Path, default=CACHE_DIR / "fanout")
+    ap.add_argument("--peer-log-level", default="info",
+                    help="the peers' --log-level (debug: a state line per bulk fetch a second)")
+    ap.add_argument("--no-service", action="store_true",
+                    help="mount with `--service never` (no resident `nydusfs service` per node)")
     ap.add_argument("--keep", action="store_true",
                     help="keep the work directory (logs of the last sample) at the end")
     args = ap.parse_args(argv)
@@ -595,12 +705,14 @@ def main(argv: list[str] | None = None) -> int:
     samples: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     discarded: list[dict[str, Any]] = []  # samples that failed and were taken again
     lab = NetLab(["reg", "sn", *nodes], rate=args.rate)
-    cluster = LabCluster(lab, work)
+    cluster = LabCluster(lab, work, peer_log_level=args.peer_log_level)
     t_start = time.monotonic()
     try:
         image = ensure_fanout_image(args.image_mb)
         lab.up()
         prep = prepare(cluster, image)
+        if not args.no_service:
+            cluster.start_services()
         size = prep["blob_bytes"]
         lb = lower_bound(size, args.nodes, u, u)
         timeout = max(300.0, 4 * args.nodes * size / u)
@@ -648,7 +760,8 @@ def main(argv: list[str] | None = None) -> int:
         "params": {"nodes": args.nodes, "rate": args.rate, "rate_bytes": u,
                    "image_mb": args.image_mb, "data_file": DATA_FILE, "seed": DATA_SEED,
                    "data_files": data_files(args.image_mb, ensure_image()),
-                   "packages": " ".join(image.packages), "layers": list(image.layers)},
+                   "packages": " ".join(image.packages), "layers": list(image.layers),
+                   "mount_service": not args.no_service},
         "runs": args.runs,
         "image": prep,
         "lower_bound_s": lb,

@@ -37,9 +37,14 @@
 **Bulk** fetches (``get_many(..., bulk=True)``: prefetch hints, ``deliver: none``, preheat;
 many chunks nobody reads yet) run the same steps as a pipeline instead of in rounds: the chunks
 are taken in the caller's order; the next of those still waiting, as many as fit in the room
-left in ``BULK_WINDOW`` (bytes on their way from peers, shared by all bulk fetches of the node;
-at least ``PEER_BATCH_BYTES``), are looked up (with leases) whenever there is room or no source
-fetch runs; leased chunks go to the source at once, and chunks at peers are asked for at once.
+left in ``BULK_WINDOW`` (bytes on their way from peers, shared by all bulk fetches of the node,
+each always allowed its fair share of it; at least ``PEER_BATCH_BYTES``), are looked up (with
+leases) whenever there is room or no source fetch runs; leased chunks go to the source at once,
+and chunks at peers are asked for at once. While no source fetch runs on the node it also
+*leases ahead*: a lookup for leases only (``expect`` false) on the next chunks past the horizon
+that nobody held or leased at its last look, so every node keeps its share of the source link
+busy and fetches about 1/N of the image from it (leases taken only inside the horizon went to
+the node furthest ahead, whose uplink then had to serve a third of the image to everyone).
 Only what is about to be asked for is looked up, because a lookup also records the requester as
 *expected* to hold those chunks, and the supernode points others at it. A peer that could not
 give a chunk yet is asked again only after its other candidates. Rounds would leave links idle:
@@ -51,7 +56,11 @@ whoever got it next, to the rest: the source link and every node's links stay bu
 which is what reaching the fan-out lower bound needs (DESIGN §6). A chunk peers failed
 ``fetch.k`` times, and whatever is still waiting when nothing arrived on the node for
 ``LEASE_WAITS`` times ``fetch.lease_wait``, goes to the source; so does everything when the
-agent has had no supernode since it started. A registration lost on the way (a loaded supernode
+agent has had no supernode since it started. In the end game (no candidate left to ask) a peer
+request running longer than ``fetch.hedge_after`` is hedged: its missing chunks are looked up
+and asked of another candidate, and the slower copy is cancelled. A request to a peer times out
+after ``fetch.peer_timeout`` without a chunk arriving, not after that long in all: a busy
+peer's shared uplink is slow, not dead. A registration lost on the way (a loaded supernode
 missed a heartbeat) is waited out, not taken as a reason to send an image to the source.
 
 Nothing here raises for a chunk that cannot be had: each gets an :class:`Outcome` with a
@@ -94,7 +103,7 @@ MAX_ROUNDS = 1000  # bound on lookup rounds per fetch (``fetch.lease_wait`` boun
 LEASE_WAITS = 3  # a fetch waits on others at most this many ``fetch.lease_wait`` in all
 PEER_BATCH_BYTES = 2 << 20  # source bytes of the chunks asked of one peer in one request
 INLINE_VERIFY = 256 * 1024  # chunks up to this size are verified on the event loop
-BULK_WINDOW = 16 << 20  # source bytes a node asks of peers at once in bulk fetches
+BULK_WINDOW = 32 << 20  # source bytes a node asks of peers at once in bulk fetches
 BULK_LOOKUP = 256  # digests per bulk lookup (a busy supernode answers small ones in time)
 MAX_BULK_STEPS = 100_000  # bound on the steps of one bulk fetch (time bounds it first)
 
@@ -129,8 +138,8 @@ class Tracker(Protocol):
     @property
     def connected(self) -> bool: ...
 
-    async def lookup(self, digests: list[str], sizes: Mapping[str, int] | None = None
-                     ) -> LookupResult | None: ...
+    async def lookup(self, digests: list[str], sizes: Mapping[str, int] | None = None, *,
+                     expect: bool = True) -> LookupResult | None: ...
 
     def announce(self, digests: Iterable[str]) -> None: ...
 
@@ -163,6 +172,7 @@ class Fetcher:
         self._source_slots = asyncio.Semaphore(config.concurrency)
         self._sourcing = 0  # source fetches (_from_source calls) running on this node
         self._bulk_bytes = 0  # source bytes bulk fetches are asking of peers now
+        self._bulk_loops = 0  # bulk fetches running now (they share BULK_WINDOW)
         self._arrived_at = 0.0  # when a chunk last arrived (monotonic), from anywhere
         self._seen_supernode = False  # registered at some point since the agent started
         self._session: aiohttp.ClientSession | None = None
@@ -336,9 +346,27 @@ class Fetcher:
         retry: set[str] = set()
         patience = self.config.lease_wait * LEASE_WAITS
         deadline = time.monotonic() + patience
-        next_lookup = 0.0
+        next_lookup = next_ahead = 0.0
+        # Past the horizon: chunks held or leased elsewhere at the last look-ahead (skipped by
+        # the next one, so it reaches the lease frontier in a step or two).
+        elsewhere: set[str] = set()
+        horizon: list[str] = []
+        # The last lookup answer per chunk, and a state line a second: the debug trace that
+        # tells a slow bulk fetch (waiting on whom, for what) from a busy link.
+        answer: dict[str, str] = {}
+        trace = log.isEnabledFor(logging.DEBUG)
+        next_trace = time.monotonic() + 1.0
+        asked = 0  # source bytes this fetch is asking peers for now
+        started: dict[asyncio.Task[None], float] = {}  # peer requests: when sent
+        hedged: set[asyncio.Task[None]] = set()  # slow ones whose chunks were asked again
+        hedged_any = False
+        self._bulk_loops += 1
         try:
             for _ in range(MAX_BULK_STEPS):
+                if hedged_any:  # a hedged chunk may have arrived from either copy
+                    waiting.difference_update(out)
+                    for d in [d for d in cands if d in out]:
+                        del cands[d]
                 if not (waiting or cands or jobs):
                     break
                 now = time.monotonic()
@@ -349,23 +377,37 @@ class Fetcher:
                     self._seen_supernode = True
                 elif not self._seen_supernode:
                     break  # no supernode since the agent started: the source at once
+                if trace and now >= next_trace:
+                    next_trace = now + 1.0
+                    log.debug("bulk %x at %.1f s: %d/%d arrived, %d waiting, %d candidates, "
+                              "%d peer requests, %d source jobs, window %d bytes, head %d",
+                              id(todo), now - t0, len(out), len(todo), len(waiting),
+                              len(cands), sum(1 for _, n, _ in jobs.values() if n),
+                              sum(1 for _, n, _ in jobs.values() if not n), self._bulk_bytes,
+                              head)
                 if now >= deadline:
                     # Nothing of ours arrived for a while; still waiting while the node as a
                     # whole receives (our turn comes when the window frees up).
                     if now - self._arrived_at >= patience:
+                        stuck = [d for d in order if d not in out and d not in to_source]
+                        log.info("bulk fetch: nothing arrived for %.0f s; %d chunks to the "
+                                 "source, e.g. %s", patience, len(stuck), "; ".join(
+                                     f"{d[:12]} {'waiting' if d in waiting else 'asked'} "
+                                     f"({answer.get(d, 'never looked up')})"
+                                     for d in stuck[:4]))
                         break
                     deadline = self._arrived_at + patience
                 sourcing = any(not n for _, n, _ in jobs.values())
                 # A lost registration (a heartbeat a loaded supernode did not answer in time) is
                 # waited out: the swarm registers again within a second or two, and meanwhile
                 # the candidates known and the fetches running go on.
-                room = BULK_WINDOW - self._bulk_bytes - sum(todo[d].size for d in cands)
+                room = self._bulk_room(asked) - sum(todo[d].size for d in cands)
                 if connected and waiting and now >= next_lookup and (
                         room >= PEER_BATCH_BYTES or not sourcing):
                     next_lookup = now + RETRY_PAUSE
                     while head < len(order) and (order[head] in out or order[head] in to_source):
                         head += 1
-                    horizon: list[str] = []
+                    horizon = []
                     size = 0
                     limit = max(room, PEER_BATCH_BYTES)
                     for d in order[head:]:
@@ -388,17 +430,34 @@ class Fetcher:
                             if ps:
                                 waiting.discard(d)
                                 cands[d] = ps
+                            answer[d] = (f"{'fetching' if d in found.fetching else 'at'} "
+                                         f"{','.join(p.id for p in ps)}" if ps else
+                                         "leased" if d in found.leases else "refused")
                         mine = {d: todo[d] for d in found.leases if d in waiting}
                         if mine:
                             waiting.difference_update(mine)
                             self.metrics.source_fetches.labels("leased").inc(len(mine))
                             task = asyncio.create_task(self._from_source(mine, out, t0))
                             jobs[task] = (list(mine), 0, "")
-                for p, ds in self._bulk_batches(cands, todo, tried):
+                if connected and waiting and self._sourcing == 0 and \
+                        time.monotonic() >= next_ahead and \
+                        not any(not n for _, n, _ in jobs.values()):
+                    next_ahead = time.monotonic() + RETRY_PAUSE
+                    mine = await self._lease_ahead(order, head, horizon, waiting, elsewhere,
+                                                   todo)
+                    if mine:
+                        task = asyncio.create_task(self._from_source(mine, out, t0))
+                        jobs[task] = (list(mine), 0, "")
+                for p, ds in self._bulk_batches(cands, todo, tried, waiting,
+                                                self._bulk_room(asked)):
                     n = sum(todo[d].size for d in ds)
                     self._bulk_bytes += n
+                    asked += n
                     task = asyncio.create_task(self._peer_batch(p, ds, todo, out, t0, retry))
                     jobs[task] = (ds, n, p.id)
+                    started[task] = time.monotonic()
+                hedge_at = self._bulk_hedge(jobs, started, hedged, cands, out, waiting, tried)
+                hedged_any = hedged_any or bool(hedged)
                 # When to look again: at the next lookup, or in a moment if one was due but not
                 # made (unregistered, or enough candidates while a source fetch runs); never at
                 # once, or this loop would spin.
@@ -412,16 +471,25 @@ class Fetcher:
                             await self._progress.wait()
                     continue
                 wake = pause if waiting else None
+                if hedge_at is not None:
+                    wake = min(wake or patience, max(0.01, hedge_at - time.monotonic()))
                 done, _ = await asyncio.wait(jobs, timeout=wake,
                                              return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     ds, n, peer_id = jobs.pop(task)
+                    started.pop(task, None)
                     self._bulk_bytes -= n
+                    asked -= n
+                    was_hedged = task in hedged
+                    hedged.discard(task)
                     for d in ds:
                         if d in out:
                             deadline = time.monotonic() + patience
                             tried.pop(d, None)
                             continue
+                        if was_hedged:
+                            retry.discard(d)
+                            continue  # asked again when it was hedged
                         if peer_id:
                             tried.setdefault(d, set()).add(peer_id)
                         if d in retry:
@@ -440,6 +508,7 @@ class Fetcher:
             for task in jobs:  # still running only when this fetch itself was cancelled
                 task.cancel()
             self._bulk_bytes -= sum(n for _, n, _ in jobs.values())
+            self._bulk_loops -= 1
         m = self.metrics.source_fetches
         m.labels("failed").inc(len(to_source))
         rest = {d: todo[d] for d in todo if d not in out and d not in to_source}
@@ -450,14 +519,95 @@ class Fetcher:
                  sum(1 for n in failures.values() if n >= self.config.k))
         return await self._finish(to_source, out, t0)
 
+    async def _lease_ahead(self, order: list[str], head: int, horizon: list[str],
+                           waiting: set[str], elsewhere: set[str], todo: dict[str, ChunkWant]
+                           ) -> dict[str, ChunkWant]:
+        """Keep this node's share of the source link busy: with no source fetch running on
+        the node, ask for leases (only: ``expect`` false) on the next chunks past
+        ``horizon`` that nobody held or leased at the last look; those granted (taken out of
+        ``waiting``) are the caller's to fetch from the source.
+
+        Why: leases taken only inside the horizon go to whichever node is furthest ahead.
+        That node then fetched a third of the image from the source and had to upload it
+        to everyone, its uplink the bottleneck of the whole fan-out, while the nodes behind
+        it never reached the lease frontier. With every node leasing ahead whenever its
+        source share is idle, each fetches about 1/N of the image from the source and the
+        registry link stays busy."""
+        tracker = self.tracker
+        assert tracker is not None
+        skip = set(horizon)
+        ahead: list[str] = []
+        for d in order[head:]:
+            if len(ahead) >= BULK_LOOKUP:
+                break
+            if d in waiting and d not in skip and d not in elsewhere:
+                ahead.append(d)
+        if not ahead:
+            return {}
+        found = await tracker.lookup(ahead, {d: todo[d].size for d in ahead}, expect=False)
+        if found is None:
+            return {}
+        for d in ahead:
+            if found.chunks.get(d) or d in found.fetching:
+                elsewhere.add(d)
+        mine = {d: todo[d] for d in found.leases if d in waiting}
+        waiting.difference_update(mine)
+        self.metrics.source_fetches.labels("leased").inc(len(mine))
+        return mine
+
+    def _bulk_hedge(self, jobs: Mapping[asyncio.Task[None], tuple[list[str], int, str]],
+                    started: dict[asyncio.Task[None], float], hedged: set[asyncio.Task[None]],
+                    cands: Mapping[str, list[PeerRef]], out: Mapping[str, Outcome],
+                    waiting: set[str], tried: dict[str, set[str]]) -> float | None:
+        """The end game of a bulk fetch: with no candidate left to ask, the chunks of a peer
+        request running longer than ``fetch.hedge_after`` go back to waiting (looked up and
+        asked of another candidate; the slow peer counts as tried), and a hedged request
+        whose chunks all arrived elsewhere is cancelled. When the next request becomes
+        slow (monotonic), or None.
+
+        Why: a node's last chunks often sat for seconds in one request to a peer whose
+        uplink was shared by thirty others, while other holders were idle; nothing else was
+        left to ask for, so the node's links stood still until that request ended."""
+        for task in list(hedged):
+            if not task.done() and all(d in out for d in jobs[task][0]):
+                task.cancel()  # the loser of a hedge: frees the slow peer's uplink
+        if cands:
+            return None
+        now = time.monotonic()
+        limit = self.config.hedge_after
+        first: float | None = None
+        for task, at in started.items():
+            if task in hedged:
+                continue
+            ds, _, peer_id = jobs[task]
+            if now - at < limit:
+                first = at + limit if first is None else min(first, at + limit)
+                continue
+            hedged.add(task)
+            for d in ds:
+                if d not in out:
+                    tried.setdefault(d, set()).add(peer_id)
+                    waiting.add(d)
+        return first
+
+    def _bulk_room(self, asked: int) -> int:
+        """Bytes a bulk fetch that is asking peers for ``asked`` bytes may ask for more:
+        what is left of ``BULK_WINDOW``, and at least what is left of its fair share of it.
+
+        Why the share: the window used to go to whoever asked first. Fetches of big chunks
+        kept it full, and a prefetch batch of 1,024 small chunks, with hundreds of
+        candidates ready, sent no request for ten seconds and finished last."""
+        share = BULK_WINDOW // max(1, self._bulk_loops)
+        return max(BULK_WINDOW - self._bulk_bytes, share - asked)
+
     def _bulk_batches(self, cands: dict[str, list[PeerRef]], todo: dict[str, ChunkWant],
-                      tried: dict[str, set[str]]) -> list[tuple[PeerRef, list[str]]]:
+                      tried: dict[str, set[str]], waiting: set[str], room: int
+                      ) -> list[tuple[PeerRef, list[str]]]:
         """Requests to peers for candidates in ``cands`` (taken out of it), in its order,
         while this node's bulk bytes on their way from peers stay under ``BULK_WINDOW``:
         each chunk from its best candidate now (``_choose``), one not in ``tried[d]`` while
         there is one, at most ``fetch.batch`` chunks and about ``PEER_BATCH_BYTES`` per
-        request."""
-        room = BULK_WINDOW - self._bulk_bytes
+        request. ``room``: bytes it may ask for (``_bulk_room``)."""
         groups: dict[str, tuple[PeerRef, list[str], int]] = {}
         batches: list[tuple[PeerRef, list[str]]] = []
         for d in list(cands):
@@ -467,8 +617,10 @@ class Fetcher:
             if p is None and d in tried:
                 del tried[d]  # every candidate was tried: start over
                 p = self._choose(cands[d], set())
-            if p is None:
-                continue  # every candidate is paused as bad: the lookup finds others
+            if p is None:  # every candidate is paused as bad: look it up again (others, or
+                del cands[d]  # the source once nobody else has it)
+                waiting.add(d)
+                continue
             del cands[d]
             n = todo[d].size
             room -= n
@@ -616,8 +768,13 @@ class Fetcher:
         current: str | None = None
         seen: set[str] = set()
         self._asking[peer.id] = self._asking.get(peer.id, 0) + len(digests)
+        limit = self.config.peer_timeout
         try:
-            async with asyncio.timeout(self.config.peer_timeout):
+            # The timeout is on progress: it starts again with every chunk received. A busy
+            # peer whose uplink is shared by many requests still delivers, only slowly; the
+            # end game's hedge deals with it, and reporting it as timed out (and pausing
+            # it for BAD_PEER_PAUSE) stranded the chunks only it had.
+            async with asyncio.timeout(limit) as progress:
                 async with self._http().post(f"{peer.address}/chunks",
                                              json={"digests": digests}) as resp:
                     if resp.status in (429, 503):
@@ -638,6 +795,7 @@ class Fetcher:
                         if d not in wants:
                             raise IntegrityError(f"peer sent chunk {d} that was not asked for")
                         body = await resp.content.readexactly(length)
+                        progress.reschedule(asyncio.get_running_loop().time() + limit)
                         got_any = True
                         seen.add(d)
                         if status != chunkfile.FRAME_FOUND:

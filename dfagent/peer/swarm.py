@@ -79,15 +79,16 @@ class Swarm:
 
     # -- Tracker ----------------------------------------------------------------------------
 
-    async def lookup(self, digests: list[str], sizes: Mapping[str, int] | None = None
-                     ) -> LookupResult | None:
+    async def lookup(self, digests: list[str], sizes: Mapping[str, int] | None = None, *,
+                     expect: bool = True) -> LookupResult | None:
         """Holders, and source leases for what nobody holds (``sizes``: their source sizes,
-        for the supernode's byte budget of leases); ``None`` when the supernode could not
-        answer (the caller goes to the source)."""
+        for the supernode's byte budget of leases; ``expect`` False: leases only, docs/api.md);
+        ``None`` when the supernode could not answer (the caller goes to the source)."""
         t0 = time.monotonic()
         try:
             found = await self.client.lookup_leased(digests, requester=self.info.id, k=self.k,
-                                                    timeout=self.lookup_timeout, sizes=sizes)
+                                                    timeout=self.lookup_timeout, sizes=sizes,
+                                                    expect=expect)
         except UnknownPeer as exc:
             self.metrics.lookup_errors.inc()
             log.info("lookup: %s; registering again", exc)

@@ -220,16 +220,20 @@ class SupernodeClient:
     async def lookup_leased(self, digests: Iterable[str], *, requester: str,
                             zone: str | None = None, k: int | None = None,
                             timeout: float | None = None,
-                            sizes: Mapping[str, int] | None = None) -> LookupResult:
+                            sizes: Mapping[str, int] | None = None,
+                            expect: bool = True) -> LookupResult:
         """:meth:`lookup` that also takes source leases for the digests nobody holds
         (docs/api.md, "Lookup"): see :class:`LookupResult`. ``sizes``: each digest's source
-        size in bytes (the supernode bounds a peer's leases in bytes; missing: 0)."""
+        size in bytes (the supernode bounds a peer's leases in bytes; missing: 0).
+        ``expect`` False: leases only; the requester is not recorded as expected to hold
+        the chunks it was pointed at peers for (a look-ahead it will not act on yet)."""
         return await self._lookup(digests, requester=requester, zone=zone, k=k,
-                                  timeout=timeout, lease=True, sizes=sizes)
+                                  timeout=timeout, lease=True, sizes=sizes, expect=expect)
 
     async def _lookup(self, digests: Iterable[str], *, requester: str | None,
                       zone: str | None, k: int | None, timeout: float | None,
-                      lease: bool, sizes: Mapping[str, int] | None = None) -> LookupResult:
+                      lease: bool, sizes: Mapping[str, int] | None = None,
+                      expect: bool = True) -> LookupResult:
         wanted = list(dict.fromkeys(digests))
         out = LookupResult(chunks={d: [] for d in wanted})
         for batch in _batches(wanted, MAX_LOOKUP):
@@ -244,6 +248,8 @@ class SupernodeClient:
                 body["lease"] = True
                 if sizes:
                     body["sizes"] = [sizes.get(d, 0) for d in batch]
+                if not expect:
+                    body["expect"] = False
             data = await self._call("POST", "/api/v1/lookup", body, timeout=timeout,
                                     check=_check_lookup)
             peers = {pid: PeerRef(id=pid, address=p["address"], zone=p.get("zone", ""))

@@ -25,7 +25,10 @@ random; at most ``k`` peers are returned per digest.
 Peers *expected* to hold a chunk soon (``view.expected``: they are fetching it from a peer
 and serve it once they have it) are candidates like holders, in the same tiers: a chunk many
 peers want at once then spreads as a tree (each new copy serves the next requesters) instead
-of every requester queueing at its first holder.
+of every requester queueing at its first holder. One holder that has the chunk is always
+among the ``k`` when there is an eligible one, ranked or not: peers expected to hold a chunk
+may be waiting for each other (a reported holder ranks below them), and a requester that only
+ever hears of them never gets the chunk.
 
 Cost: each distinct holder's tier is computed once per call, then one dict probe per
 (digest, holder); batched lookups amortise the per-request work.
@@ -34,7 +37,7 @@ Cost: each distinct holder's tier is computed once per call, then one dict probe
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from dfagent.supernode.peerstore.base import LookupView
 
@@ -81,37 +84,53 @@ def rank(view: LookupView, digests: Iterable[str], *, k: int, now: float,
     all_holders = view.holders
     expected = view.expected
     for d in digests:
-        holders = all_holders.get(d)
+        holders = real = all_holders.get(d)
         if expected:
             soon = expected.get(d)
             if soon:
                 holders = list(dict.fromkeys([*(holders or ()), *soon]))
         if not holders:
             continue
-        groups: dict[int, list[str]] = {}
-        for pid in holders:
-            t = tiers.get(pid)
-            if t is None:
-                t = tiers[pid] = tier_of(pid)
-            if t != _INELIGIBLE:
-                group = groups.get(t)
-                if group is None:
-                    groups[t] = [pid]
-                else:
-                    group.append(pid)
-        if not groups:
+        if real and holders is not real:
+            out_d = _rank_one(holders, tiers, tier_of, k, rng)
+            if out_d and not any(pid in real for pid in out_d):
+                best = _rank_one(list(real), tiers, tier_of, 1, rng)
+                if best:  # a real holder always among them: the expected ones may all be
+                    out_d = [*out_d[:k - 1], *best]  # waiting for each other
+            if out_d:
+                out[d] = out_d
             continue
-        if len(groups) == 1:  # the common case: all holders equally good
-            (group,) = groups.values()
-            out[d] = _pick(group, k, rng)
-            continue
-        chosen: list[str] = []
-        for t in sorted(groups):
-            chosen += _pick(groups[t], k - len(chosen), rng)
-            if len(chosen) >= k:
-                break
-        out[d] = chosen
+        chosen = _rank_one(holders, tiers, tier_of, k, rng)
+        if chosen:
+            out[d] = chosen
     return out
+
+
+def _rank_one(holders: Iterable[str], tiers: dict[str, int], tier_of: Callable[[str], int],
+              k: int, rng: random.Random) -> list[str]:
+    """Up to ``k`` of ``holders``, eligible ones only, best tier first, random within one."""
+    groups: dict[int, list[str]] = {}
+    for pid in holders:
+        t = tiers.get(pid)
+        if t is None:
+            t = tiers[pid] = tier_of(pid)
+        if t != _INELIGIBLE:
+            group = groups.get(t)
+            if group is None:
+                groups[t] = [pid]
+            else:
+                group.append(pid)
+    if not groups:
+        return []
+    if len(groups) == 1:  # the common case: all holders equally good
+        (group,) = groups.values()
+        return _pick(group, k, rng)
+    chosen: list[str] = []
+    for t in sorted(groups):
+        chosen += _pick(groups[t], k - len(chosen), rng)
+        if len(chosen) >= k:
+            break
+    return chosen
 
 
 def _pick(group: list[str], n: int, rng: random.Random) -> list[str]:

@@ -118,8 +118,8 @@ class Scheduler:
 
     async def lookup(self, digests: Sequence[str], *, requester: str | None = None,
                      zone: str | None = None, k: int | None = None,
-                     lease: bool = False, sizes: Mapping[str, int] | None = None
-                     ) -> LookupAnswer:
+                     lease: bool = False, sizes: Mapping[str, int] | None = None,
+                     expect: bool = True) -> LookupAnswer:
         """Up to ``k`` ranked peers per digest (see :mod:`dfagent.supernode.ranking`).
 
         ``zone`` defaults to the requester's registered zone; ``k`` to the configured one.
@@ -129,7 +129,10 @@ class Scheduler:
         that one peer fetches each such chunk from its source and the others are pointed at
         it (``fetching``) instead of all fetching it too; and record the requester as
         expected to hold the chunks it will fetch from peers (:meth:`PeerStore.expect`), so
-        later requesters are pointed at it as well. ``requester_known`` False in the answer:
+        later requesters are pointed at it as well — unless ``expect`` is false: a look-ahead
+        for leases only, past what the requester will ask peers for now (recording it as
+        expected there would point others at a peer that is not fetching those chunks).
+        ``requester_known`` False in the answer:
         leases were asked for by a requester that is not registered or expired (it must
         register again; nothing was leased).
         """
@@ -141,31 +144,40 @@ class Scheduler:
         chunks = rank(view, digests, k=k or self.config.k, now=now,
                       alive_since=self._alive_since(now), rng=self.rng, requester=requester,
                       zone=zone if zone is not None else view.requester_zone)
-        peers: dict[str, PeerInfo] = {}
         all_peers = view.peers
-        for ids in chunks.values():
-            for pid in ids:
-                if pid not in peers:
-                    peers[pid] = all_peers[pid].info
+
+        def named() -> dict[str, PeerInfo]:
+            return {pid: all_peers[pid].info for ids in chunks.values() for pid in ids}
+
         hits = len(chunks)
         self.metrics.lookup_hits.inc(hits)
         if hits < len(digests):
             self.metrics.lookup_misses.inc(len(digests) - hits)
         if not lease or requester is None:
-            return LookupAnswer(chunks=chunks, peers=peers)
+            return LookupAnswer(chunks=chunks, peers=named())
         cfg = self.config.leases
-        if hits == len(digests):
-            await self.store.expect(requester, list(chunks), until=now + cfg.ttl)
-            return LookupAnswer(chunks=chunks, peers=peers)
-        missing = [d for d in digests if d not in chunks]
+        # Chunks whose only candidates are peers *expected* to hold them: if no live lease
+        # roots them either, every one of those peers is waiting on the others and nobody
+        # fetches the chunk. Such a chunk is leased like one nobody holds.
+        # (Any announced holder roots it, ranked in the first k or not.)
+        holders = view.holders
+        unrooted = {d for d in chunks if not holders.get(d)}
+        if hits == len(digests) and not unrooted:
+            if expect:
+                await self.store.expect(requester, list(chunks), until=now + cfg.ttl)
+            return LookupAnswer(chunks=chunks, peers=named())
+        missing = [d for d in digests if d not in chunks or d in unrooted]
         got = await self.store.lease(requester, missing, now=now, until=now + cfg.ttl,
                                      alive_since=self._alive_since(now), limit=cfg.per_peer,
                                      sizes=[sizes.get(d, 0) for d in missing] if sizes else None,
                                      byte_limit=cfg.bytes)
         if not got.live:
-            return LookupAnswer(chunks=chunks, peers=peers, requester_known=False)
+            return LookupAnswer(chunks=chunks, peers=named(), requester_known=False)
+        for d in got.granted:
+            chunks.pop(d, None)  # the requester's to fetch from the source now
+        peers = named()
         # The requester will get these from peers: point the next requesters at it too.
-        coming = [*chunks, *(d for d in got.others if d not in chunks)]
+        coming = [*chunks, *(d for d in got.others if d not in chunks)] if expect else []
         if coming:
             await self.store.expect(requester, coming, until=now + cfg.ttl)
         fetching: dict[str, str] = {}
@@ -179,7 +191,9 @@ class Scheduler:
         m = self.metrics.leases
         m.labels("granted").inc(len(got.granted))
         m.labels("fetching").inc(len(fetching))
-        m.labels("refused").inc(len(missing) - len(got.granted) - len(fetching))
+        granted = set(got.granted)
+        m.labels("refused").inc(sum(1 for d in missing if d not in chunks
+                                    and d not in granted and d not in fetching))
         return LookupAnswer(chunks=chunks, peers=peers, leases=got.granted, fetching=fetching)
 
     # -- reports -------------------------------------------------------------------------

@@ -235,7 +235,8 @@ async def _withdraw(request: web.Request) -> web.Response:
 async def _lookup(request: web.Request) -> web.Response:
     sched = request.app[SCHEDULER]
     body = parse_body(await _body(request),
-                      ("digests", "requester", "zone", "k", "lease", "sizes"), ("digests",))
+                      ("digests", "requester", "zone", "k", "lease", "sizes", "expect"),
+                      ("digests",))
     digests = parse_digests(body["digests"], "digests", limit=MAX_LOOKUP)
     sizes = _sizes(body["sizes"], body["digests"]) if body.get("sizes") is not None else None
     requester = body.get("requester")
@@ -248,8 +249,11 @@ async def _lookup(request: web.Request) -> web.Response:
         raise RequestError(f"lease: expected true or false, got {lease!r:.40}")
     if lease and requester is None:
         raise RequestError("lease: needs requester (leases are granted to a peer)")
+    expect = body.get("expect", True)
+    if not isinstance(expect, bool):
+        raise RequestError(f"expect: expected true or false, got {expect!r:.40}")
     answer = await sched.lookup(digests, requester=requester, zone=zone, k=k, lease=lease,
-                                sizes=sizes)
+                                sizes=sizes, expect=expect)
     if not answer.requester_known:
         assert requester is not None
         return _unknown_peer(requester)

@@ -118,3 +118,26 @@ def test_batched_digests_rank_independently() -> None:
     out = rank(v, [d1, d2, d3, digest(4)], k=2, now=NOW, alive_since=NOW - TTL,
                rng=random.Random(0))
     assert out == {d1: ["a", "b"], d2: ["b"], d3: ["a"]}
+
+
+def test_a_real_holder_is_always_among_expected_ones() -> None:
+    """Peers only expected to hold a chunk may all be waiting for each other; a requester
+    that only ever hears of them never gets it. The one holder that has it is named even
+    when reports rank it below them, or when it loses the random draw."""
+    expected = [f"soon{i}" for i in range(6)]
+    states = [state("holder"), *(state(p) for p in expected)]
+    for reports in ({"holder": 1}, {}):
+        v = LookupView(holders={D: ["holder"]}, peers={s.id: s for s in states},
+                       quarantined={}, reports=reports, expected={D: expected})
+        seen_first: Counter[str] = Counter()
+        for seed in range(30):
+            got = ranked(v, k=4, seed=seed)
+            assert len(got) == 4 and "holder" in got
+            seen_first[got[0]] += 1
+        if not reports:  # equals still share the requesters: the holder is not always first
+            assert seen_first["holder"] < 30
+    # A quarantined holder is not named, expected peers still are.
+    v = LookupView(holders={D: ["holder"]}, peers={s.id: s for s in states},
+                   quarantined={"holder": NOW + 60}, reports={}, expected={D: expected})
+    got = ranked(v, k=4)
+    assert len(got) == 4 and "holder" not in got

@@ -185,6 +185,39 @@ def test_lookup_uses_requester_zone_and_k(store_factory: StoreFactory) -> None:
     check(store_factory, body)
 
 
+def test_a_chunk_only_expected_and_not_leased_is_leased_again(
+        store_factory: StoreFactory) -> None:
+    """Peers expected to hold a chunk whose lease ended without it (the leaseholder never
+    fetched it) wait on each other for ever unless someone is given the lease: the next
+    requester is, and is not pointed at them."""
+    ds = digests(2)
+    config = SupernodeConfig(peer_ttl=60.0, leases=LeaseConfig(ttl=5.0, per_peer=8))
+
+    async def body(s: Scheduler, clock: FakeClock) -> None:
+        s.config = config
+        for pid in ("a", "b", "c", "d"):
+            await s.register(peer(pid))
+        assert (await s.lookup(ds, requester="a", lease=True)).leases == ds
+        # b and c are pointed at a and expected to hold both soon; a holds ds[0] now.
+        for pid in ("b", "c"):
+            assert set((await s.lookup(ds, requester=pid, lease=True)).fetching) == set(ds)
+        await s.announce("a", [ds[0]])
+        clock.advance(3)
+        for pid in ("b", "c"):  # asking again renews their expectation, not a's lease
+            await s.lookup(ds, requester=pid, lease=True)
+        clock.advance(3)  # a's lease on ds[1] ended; b and c are still expected to hold it
+        for pid in ("a", "b", "c", "d"):
+            await s.heartbeat(pid, PeerLoad())
+        got = await s.lookup(ds, requester="d", lease=True)
+        assert got.leases == [ds[1]] and ds[1] not in got.chunks
+        assert "a" in got.chunks[ds[0]]  # a real holder: pointed at as before
+        # The next requester is pointed at d, which fetches it.
+        again = await s.lookup(ds[1:], requester="b", lease=True)
+        assert again.fetching == {ds[1]: "d"} and again.leases == []
+
+    check(store_factory, body)
+
+
 def test_source_leases_point_others_at_the_fetcher_and_expire(
         store_factory: StoreFactory) -> None:
     ds = digests(3)
@@ -206,7 +239,8 @@ def test_source_leases_point_others_at_the_fetcher_and_expire(
         third = await s.lookup(ds[:2], requester="c", lease=True)
         assert {d: sorted(ps) for d, ps in third.chunks.items()} == {ds[0]: ["a", "b"],
                                                                      ds[1]: ["b"]}
-        assert third.fetching == {} and third.leases == []
+        # ds[1] has no holder yet: it stays rooted in a's lease, named as well.
+        assert third.fetching == {ds[1]: "a"} and third.leases == []
         # Leases expire quickly: a's unfinished one passes to the next requester.
         clock.advance(6)
         later = await s.lookup(ds[1:2], requester="c", lease=True)
