@@ -40,11 +40,12 @@ are taken in the caller's order; the next of those still waiting, as many as fit
 left in ``BULK_WINDOW`` (bytes on their way from peers, shared by all bulk fetches of the node,
 each always allowed its fair share of it; at least ``PEER_BATCH_BYTES``), are looked up (with
 leases) whenever there is room or no source fetch runs; leased chunks go to the source at once,
-and chunks at peers are asked for at once. While no source fetch runs on the node it also
-*leases ahead*: a lookup for leases only (``expect`` false) on the next chunks past the horizon
-that nobody held or leased at its last look, so every node keeps its share of the source link
-busy and fetches about 1/N of the image from it (leases taken only inside the horizon went to
-the node furthest ahead, whose uplink then had to serve a third of the image to everyone).
+and chunks at peers are asked for at once. While fewer than ``AHEAD_JOBS`` source fetches run
+on the node it also *leases ahead*: a lookup for leases only (``expect`` false) on the next
+chunks past the horizon that nobody held or leased at its last look, so every node keeps its
+share of the source link busy and fetches about 1/N of the image from it (leases taken only
+inside the horizon went to the node furthest ahead, whose uplink then had to serve a third of
+the image to everyone).
 Only what is about to be asked for is looked up, because a lookup also records the requester as
 *expected* to hold those chunks, and the supernode points others at it. A peer that could not
 give a chunk yet is asked again only after its other candidates. Rounds would leave links idle:
@@ -105,6 +106,7 @@ PEER_BATCH_BYTES = 2 << 20  # source bytes of the chunks asked of one peer in on
 INLINE_VERIFY = 256 * 1024  # chunks up to this size are verified on the event loop
 BULK_WINDOW = 32 << 20  # source bytes a node asks of peers at once in bulk fetches
 BULK_LOOKUP = 256  # digests per bulk lookup (a busy supernode answers small ones in time)
+AHEAD_JOBS = 2  # source fetches a node keeps running by leasing ahead (one starts as one ends)
 MAX_BULK_STEPS = 100_000  # bound on the steps of one bulk fetch (time bounds it first)
 
 
@@ -357,7 +359,8 @@ class Fetcher:
         trace = log.isEnabledFor(logging.DEBUG)
         next_trace = time.monotonic() + 1.0
         asked = 0  # source bytes this fetch is asking peers for now
-        started: dict[asyncio.Task[None], float] = {}  # peer requests: when sent
+        # Peer requests: when each was sent, or last brought a chunk (``_peer_batch`` updates).
+        started: dict[asyncio.Task[None], list[float]] = {}
         hedged: set[asyncio.Task[None]] = set()  # slow ones whose chunks were asked again
         hedged_any = False
         self._bulk_loops += 1
@@ -439,9 +442,9 @@ class Fetcher:
                             self.metrics.source_fetches.labels("leased").inc(len(mine))
                             task = asyncio.create_task(self._from_source(mine, out, t0))
                             jobs[task] = (list(mine), 0, "")
-                if connected and waiting and self._sourcing == 0 and \
+                if connected and waiting and self._sourcing < AHEAD_JOBS and \
                         time.monotonic() >= next_ahead and \
-                        not any(not n for _, n, _ in jobs.values()):
+                        sum(1 for _, n, _ in jobs.values() if not n) < AHEAD_JOBS:
                     next_ahead = time.monotonic() + RETRY_PAUSE
                     mine = await self._lease_ahead(order, head, horizon, waiting, elsewhere,
                                                    todo)
@@ -453,9 +456,11 @@ class Fetcher:
                     n = sum(todo[d].size for d in ds)
                     self._bulk_bytes += n
                     asked += n
-                    task = asyncio.create_task(self._peer_batch(p, ds, todo, out, t0, retry))
+                    mark = [time.monotonic()]
+                    task = asyncio.create_task(self._peer_batch(p, ds, todo, out, t0, retry,
+                                                                mark))
                     jobs[task] = (ds, n, p.id)
-                    started[task] = time.monotonic()
+                    started[task] = mark
                 hedge_at = self._bulk_hedge(jobs, started, hedged, cands, out, waiting, tried)
                 hedged_any = hedged_any or bool(hedged)
                 # When to look again: at the next lookup, or in a moment if one was due but not
@@ -522,10 +527,10 @@ class Fetcher:
     async def _lease_ahead(self, order: list[str], head: int, horizon: list[str],
                            waiting: set[str], elsewhere: set[str], todo: dict[str, ChunkWant]
                            ) -> dict[str, ChunkWant]:
-        """Keep this node's share of the source link busy: with no source fetch running on
-        the node, ask for leases (only: ``expect`` false) on the next chunks past
-        ``horizon`` that nobody held or leased at the last look; those granted (taken out of
-        ``waiting``) are the caller's to fetch from the source.
+        """Keep this node's share of the source link busy: with fewer than ``AHEAD_JOBS``
+        source fetches running on the node, ask for leases (only: ``expect`` false) on the
+        next chunks past ``horizon`` that nobody held or leased at the last look; those
+        granted (taken out of ``waiting``) are the caller's to fetch from the source.
 
         Why: leases taken only inside the horizon go to whichever node is furthest ahead.
         That node then fetched a third of the image from the source and had to upload it
@@ -556,12 +561,13 @@ class Fetcher:
         return mine
 
     def _bulk_hedge(self, jobs: Mapping[asyncio.Task[None], tuple[list[str], int, str]],
-                    started: dict[asyncio.Task[None], float], hedged: set[asyncio.Task[None]],
+                    started: dict[asyncio.Task[None], list[float]],
+                    hedged: set[asyncio.Task[None]],
                     cands: Mapping[str, list[PeerRef]], out: Mapping[str, Outcome],
                     waiting: set[str], tried: dict[str, set[str]]) -> float | None:
-        """The end game of a bulk fetch: with no candidate left to ask, the chunks of a peer
-        request running longer than ``fetch.hedge_after`` go back to waiting (looked up and
-        asked of another candidate; the slow peer counts as tried), and a hedged request
+        """The end game of a bulk fetch: with nothing left to look up or ask, the chunks of a
+        peer request that brought nothing for ``fetch.hedge_after`` go back to waiting (looked
+        up and asked of another candidate; the slow peer counts as tried), and a hedged request
         whose chunks all arrived elsewhere is cancelled. When the next request becomes
         slow (monotonic), or None.
 
@@ -571,15 +577,18 @@ class Fetcher:
         for task in list(hedged):
             if not task.done() and all(d in out for d in jobs[task][0]):
                 task.cancel()  # the loser of a hedge: frees the slow peer's uplink
-        if cands:
+        if cands or waiting:
             return None
         now = time.monotonic()
         limit = self.config.hedge_after
         first: float | None = None
-        for task, at in started.items():
+        for task, mark in started.items():
             if task in hedged:
                 continue
             ds, _, peer_id = jobs[task]
+            # Stalled: nothing arrived on it for ``limit`` (not merely slow: hedging requests
+            # that were moving sent a tenth of the bytes twice).
+            at = mark[0]
             if now - at < limit:
                 first = at + limit if first is None else min(first, at + limit)
                 continue
@@ -762,8 +771,10 @@ class Fetcher:
             self.tracker.report(peer.id, reason, digest)
 
     async def _peer_batch(self, peer: PeerRef, digests: list[str], wants: dict[str, ChunkWant],
-                          out: dict[str, Outcome], t0: float, retry: set[str]) -> None:
-        """Ask ``peer`` for ``digests`` in one request; verified chunks land in ``out``."""
+                          out: dict[str, Outcome], t0: float, retry: set[str],
+                          mark: list[float] | None = None) -> None:
+        """Ask ``peer`` for ``digests`` in one request; verified chunks land in ``out``.
+        ``mark[0]``: set to the time each chunk arrives (progress, for the end game)."""
         got_any = False
         current: str | None = None
         seen: set[str] = set()
@@ -796,6 +807,8 @@ class Fetcher:
                             raise IntegrityError(f"peer sent chunk {d} that was not asked for")
                         body = await resp.content.readexactly(length)
                         progress.reschedule(asyncio.get_running_loop().time() + limit)
+                        if mark is not None:
+                            mark[0] = time.monotonic()
                         got_any = True
                         seen.add(d)
                         if status != chunkfile.FRAME_FOUND:

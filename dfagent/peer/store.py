@@ -124,6 +124,12 @@ class ChunkStore:
                     continue
                 found.append((name, st.st_size, st.st_mtime))
         found.sort(key=lambda t: t[2])
+        # All 256 subdirectories now, at start: not one by one while an image is arriving,
+        # on the event loop, when each costs a journal update on a busy disk.
+        for i in range(256):
+            name = f"{i:02x}"
+            (self._chunks / name).mkdir(exist_ok=True)
+            self._subdirs.add(name)
         return found
 
     @staticmethod
