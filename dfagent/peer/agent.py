@@ -111,7 +111,7 @@ def _free_socket(path: Path) -> None:
 async def start_peer(config: PeerConfig) -> RunningPeer:
     """Start the agent per ``config`` (see the module docstring). Raises ``DfagentError`` for
     an unusable data dir, a taken port or socket."""
-    store = ChunkStore(config.data_dir, config.quota)
+    store = ChunkStore(config.data_dir, config.quota, memory=config.upload.memory)
     try:
         held = await store.open()
     except OSError as exc:
@@ -120,6 +120,7 @@ async def start_peer(config: PeerConfig) -> RunningPeer:
     runners: list[web.AppRunner] = []
     tasks: list[asyncio.Task[None]] = []
     sources = SourcePool(config.source)
+    await asyncio.to_thread(SourcePool.preload)
     client: SupernodeClient | None = None
     try:
         upload_app = make_upload_app(store, metrics, max_concurrent=config.upload.max_concurrent,

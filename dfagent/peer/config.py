@@ -73,6 +73,7 @@ _ID_BAD = re.compile(r"[^A-Za-z0-9._:@-]")
 class UploadConfig:
     max_concurrent: int = 32  # uploads served at once; more get 429 at once
     rate: int = 0  # bytes per second for all uploads together; 0 = unlimited
+    memory: int = 64 << 20  # bytes of the latest stored chunks kept in memory to serve from
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,12 +187,14 @@ def parse_config(raw: object, *, base_dir: Path) -> PeerConfig:
         kw["quota"] = _size(doc["quota"], "quota", minimum=1)
     if "upload" in doc:
         d = _section(doc["upload"], "upload")
-        _check_keys(d, "upload", ("max_concurrent", "rate"))
+        _check_keys(d, "upload", ("max_concurrent", "rate", "memory"))
         up: dict[str, object] = {}
         if "max_concurrent" in d:
             up["max_concurrent"] = _int(d["max_concurrent"], "upload.max_concurrent", minimum=1)
         if "rate" in d:
             up["rate"] = _size(d["rate"], "upload.rate", minimum=0, rate=True)
+        if "memory" in d:
+            up["memory"] = _size(d["memory"], "upload.memory", minimum=0)
         kw["upload"] = UploadConfig(**up)  # type: ignore[arg-type]
     token = cluster_token(doc, base_dir)
     if token is not None:

@@ -95,3 +95,26 @@ def test_restart_rebuilds_the_index(tmp_path: Path) -> None:
         assert await small.open() == [c.digest for c in cs[1:]]
 
     run(go())
+
+
+def test_recent_chunks_are_served_from_memory_within_its_bound(tmp_path: Path) -> None:
+    """The latest chunks stored are read back from memory (here their files are gone), at
+    most ``memory`` bytes of them, oldest out first; with ``memory`` 0, from disk only."""
+
+    async def go() -> None:
+        cs = [chunk(3000) for _ in range(3)]
+        size = len(cs[0].file)
+        store = ChunkStore(tmp_path / "a", 10 * size, memory=2 * size)
+        off = ChunkStore(tmp_path / "b", 10 * size)
+        for st in (store, off):
+            await st.open()
+            for c in cs:
+                await st.put(c.digest, c.file)
+                st.path_of(c.digest).unlink()  # only memory can answer now
+        assert await store.read(cs[0].digest) is None  # the oldest is out of memory
+        assert await store.read(cs[1].digest) == cs[1].file
+        assert await store.read(cs[2].digest) == cs[2].file
+        assert await store.read_verified(cs[2].digest) == cs[2].file
+        assert [await off.read(c.digest) for c in cs] == [None, None, None]
+
+    run(go())
