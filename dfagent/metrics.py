@@ -153,6 +153,7 @@ PEER_METRIC_NAMES: tuple[str, ...] = (
     "dfagent_peer_lookup_errors_total",
     "dfagent_peer_verification_failures_total",
     "dfagent_peer_busy_answers_total",
+    "dfagent_peer_duplicate_bytes_total",
     "dfagent_peer_bad_peer_reports_total",
     "dfagent_peer_source_fetches_total",
     "dfagent_peer_supernode_connected",
@@ -210,6 +211,9 @@ class PeerMetrics:
         self.peer_busy = Counter("dfagent_peer_busy_answers_total",
                                  "Peer requests refused as busy (429/503) by the peer asked",
                                  registry=r)
+        self.duplicate_bytes = Counter("dfagent_peer_duplicate_bytes_total",
+                                       "Chunk bytes received from peers that had arrived "
+                                       "already (a hedged request's second copy)", registry=r)
         self.bad_peer_reports = Counter("dfagent_peer_bad_peer_reports_total",
                                         "Peers reported to the supernode, by reason",
                                         ["reason"], registry=r)
