@@ -57,7 +57,10 @@ def fanout_section(r: dict[str, Any] | None, number: int) -> list[str]:
         "seed), "
         f"converted with `nydusfs convert`: {size / MB:.1f} MB of blobs "
         f"(S; bootstrap {img['bootstrap_bytes'] / 1e3:.0f} kB). Every node mounts it at once "
-        "with `nydusfs mount REF` and `prefetch: {all: true}`, from empty caches; a node is "
+        "with `nydusfs mount REF` and `prefetch: {all: true}`"
+        + (" (through the node's resident mount service, `nydusfs service`, as a node runs "
+           "its image daemon: [registry.md](registry.md))" if p.get("mount_service") else "")
+        + ", from empty caches; a node is "
         "done when its mount reports prefetch `done`: every chunk fetched and verified into "
         "the mount's disk cache (*registry only*: `backend: registry`), or into the node "
         "agent's store, which is the node's cache (*P2P*: a `dfagent peer` per node and "
@@ -122,6 +125,7 @@ def fanout_section(r: dict[str, Any] | None, number: int) -> list[str]:
         ]
         s = sorted(p2p, key=lambda x: x["seconds"])[len(p2p) // 2]  # the median sample
         out += _why_source(s)
+        out += _timeline(s, r["params"]["rate_bytes"], r["samples"])
         out += ["", f"Per node, the median P2P sample ({s['seconds']:.1f} s): bytes by origin "
                     "and uploads from its agent's metrics; *busy* = upload requests it refused "
                     "with 429 (`upload.max_concurrent` reached).", "",
@@ -137,6 +141,42 @@ def fanout_section(r: dict[str, Any] | None, number: int) -> list[str]:
             out.append(f"| {node} | {s['node_seconds'][node]:.1f} s | {src:.0f} MB | "
                        f"{peer:.0f} MB | {up:.0f} MB | {busy:.0f} |")
     return [*out, ""]
+
+
+def _timeline(s: dict[str, Any], rate: float, samples: dict[str, list[dict[str, Any]]]
+              ) -> list[str]:
+    """How busy the links were (``LinkTimeline`` of the bench): the median P2P sample's
+    registry uplink and node downlinks every 2 s, and per method the median share of its
+    downlink each node used until it was done."""
+    tl = s.get("timeline")
+    if not tl or not tl.get("t"):
+        return []  # samples from before the timeline
+    util = {m: median([u for x in xs for u in (x.get("downlink_utilization") or {}).values()])
+            for m, xs in samples.items()
+            if any(x.get("downlink_utilization") for x in xs)}
+    out = ["", "Links (interface counters of the bridge ports, every 0.5 s; wire bytes, TCP/IP "
+               "headers included): the share of its downlink's rate each node used until it was "
+               "done, median over nodes and samples — "
+           + ", ".join(f"{_LABELS.get(m, m)} {100 * u:.0f}%" for m, u in util.items())
+           + f". The median P2P sample ({s['seconds']:.1f} s), MB/s over each 2 s:", "",
+           "| t (s) | registry out | nodes in (mean) | nodes in (min to max) |",
+           "|---:|---:|---:|---:|"]
+    nodes = [n for n in tl["rx"] if n in s["node_seconds"]]
+    t = tl["t"]
+    start = 0.0
+    acc_reg = 0
+    acc = dict.fromkeys(nodes, 0)
+    for i, ti in enumerate(t):
+        acc_reg += tl["tx"].get("reg", [0] * len(t))[i]
+        for n in nodes:
+            acc[n] += tl["rx"][n][i]
+        if ti - start >= 2.0 or i == len(t) - 1:
+            span = max(ti - start, 1e-6)
+            rates = [acc[n] / span / MB for n in nodes]
+            out.append(f"| {start:.0f} to {ti:.0f} | {acc_reg / span / MB:.1f} | "
+                       f"{sum(rates) / len(rates):.1f} | {min(rates):.1f} to {max(rates):.1f} |")
+            start, acc_reg, acc = ti, 0, dict.fromkeys(nodes, 0)
+    return out
 
 
 _REASONS = {"waited": "waiting on peers ran out", "refused": "no lease in time (the node's lease "

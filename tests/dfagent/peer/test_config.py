@@ -15,7 +15,8 @@ def test_defaults_and_units(tmp_path: Path) -> None:
     cfg = parse_config({
         "id": "node-1", "supernodes": ["http://sn1:8001/", "https://sn2:8001"],
         "listen": "127.0.0.1:0", "advertise": "http://10.0.0.7:8002", "socket": "a.sock",
-        "data_dir": "data", "quota": "512MiB", "upload": {"max_concurrent": 2, "rate": "10MiB/s"},
+        "data_dir": "data", "quota": "512MiB", "upload": {"max_concurrent": 2, "rate": "10MiB/s",
+                                                       "memory": "8MiB"},
         "zone": "rack-1", "token": "t" * 20, "metrics": "127.0.0.1:9102",
         "fetch": {"lookup_timeout": "250ms", "k": 3},
         "source": {"timeout": "5s", "registry": {"username": "u", "password": "p"},
@@ -23,6 +24,7 @@ def test_defaults_and_units(tmp_path: Path) -> None:
     assert cfg.supernodes == ("http://sn1:8001", "https://sn2:8001")
     assert cfg.socket == tmp_path / "a.sock" and cfg.data_dir == tmp_path / "data"
     assert cfg.quota == 512 << 20 and cfg.upload.rate == 10 << 20
+    assert cfg.upload.memory == 8 << 20 and PeerConfig().upload.memory == 64 << 20
     assert cfg.fetch.lookup_timeout == 0.25 and cfg.fetch.k == 3
     assert cfg.peer_id(8002) == "node-1" and cfg.advertise_url(1) == "http://10.0.0.7:8002"
     assert parse_config({"listen": "127.0.0.1:0"}, base_dir=tmp_path).advertise_url(9) == \
@@ -34,6 +36,7 @@ def test_defaults_and_units(tmp_path: Path) -> None:
     ({"supernodes": ["sn:8001"]}, "supernodes[0]: expected an http:// or https:// URL"),
     ({"upload": {"max_concurrent": 0}}, "upload.max_concurrent: must be >= 1"),
     ({"upload": {"speed": 1}}, "upload.speed: unknown key"),
+    ({"upload": {"memory": "-1MiB"}}, "upload.memory: invalid size"),
     ({"token": "short"}, "token: too short"),
     ({"id": "bad id"}, "id: expected a peer id"),
     ({"advertise": "10.0.0.7:8002"}, "advertise: expected a URL"),

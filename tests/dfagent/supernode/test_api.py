@@ -181,6 +181,16 @@ def test_lookup_leases_are_bounded_in_bytes() -> None:
                                           {"digests": ds, "requester": "node-1",
                                            "lease": True, "sizes": sizes})
                 assert status == 400 and re.search(pattern, data["error"]["message"]), data
+            # expect: false (leases only) over HTTP, and checked
+            status, data = await call(http, "POST", "/api/v1/lookup",
+                                      {"digests": ds[3:], "requester": "node-1", "lease": True,
+                                       "expect": False})
+            assert status == 200 and data["leases"] == [ds[3]]  # its own lease, renewed
+            status, data = await call(http, "POST", "/api/v1/lookup",
+                                      {"digests": ds, "requester": "node-1", "lease": True,
+                                       "expect": "no"})
+            assert status == 400 and data["error"]["message"].startswith("expect: expected "
+                                                                         "true or false"), data
 
     run(go())
 

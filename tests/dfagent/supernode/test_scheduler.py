@@ -185,6 +185,28 @@ def test_lookup_uses_requester_zone_and_k(store_factory: StoreFactory) -> None:
     check(store_factory, body)
 
 
+def test_a_look_ahead_for_leases_records_no_expectation(store_factory: StoreFactory) -> None:
+    """``expect=False`` (the agent's look-ahead) takes leases but does not make the supernode
+    name the requester for chunks it was pointed at peers for: it is not fetching those."""
+    ds = digests(2)
+    config = SupernodeConfig(peer_ttl=60.0, leases=LeaseConfig(ttl=5.0, per_peer=8))
+
+    async def body(s: Scheduler, clock: FakeClock) -> None:
+        s.config = config
+        for pid in ("x", "a", "b"):
+            await s.register(peer(pid))
+        await s.announce("x", ds[:1])
+        ahead = await s.lookup(ds, requester="a", lease=True, expect=False)
+        assert ahead.chunks == {ds[0]: ["x"]} and ahead.leases == [ds[1]]
+        later = await s.lookup(ds[:1], requester="b", lease=True)
+        assert later.chunks == {ds[0]: ["x"]}  # a is not named: it did not ask x for it
+        await s.lookup(ds[:1], requester="a", lease=True)  # now it does
+        named = await s.lookup(ds[:1], requester="b", lease=True)
+        assert sorted(named.chunks[ds[0]]) == ["a", "x"]
+
+    check(store_factory, body)
+
+
 def test_a_chunk_only_expected_and_not_leased_is_leased_again(
         store_factory: StoreFactory) -> None:
     """Peers expected to hold a chunk whose lease ended without it (the leaseholder never
