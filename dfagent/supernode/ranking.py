@@ -25,10 +25,14 @@ random; at most ``k`` peers are returned per digest.
 Peers *expected* to hold a chunk soon (``view.expected``: they are fetching it from a peer
 and serve it once they have it) are candidates like holders, in the same tiers: a chunk many
 peers want at once then spreads as a tree (each new copy serves the next requesters) instead
-of every requester queueing at its first holder. One holder that has the chunk is always
-among the ``k`` when there is an eligible one, ranked or not: peers expected to hold a chunk
-may be waiting for each other (a reported holder ranks below them), and a requester that only
-ever hears of them never gets the chunk.
+of every requester queueing at its first holder. They are named only for a chunk that some
+peer holds: before anyone has it, every expected peer is waiting for the one fetching it from
+the source, and a requester pointed at them waited on a chain of peers instead of asking that
+one (the scheduler points it there: ``fetching``); the fan-out benchmark finished about a
+second and a half later. And one holder that has the chunk is always among the ``k`` when
+there is an eligible one, ranked or not: a reported holder ranks below the expected peers,
+which may be waiting for each other, and a requester that only ever heard of them never got
+the chunk.
 
 Cost: each distinct holder's tier is computed once per call, then one dict probe per
 (digest, holder); batched lookups amortise the per-request work.
@@ -85,7 +89,7 @@ def rank(view: LookupView, digests: Iterable[str], *, k: int, now: float,
     expected = view.expected
     for d in digests:
         holders = real = all_holders.get(d)
-        if expected:
+        if expected and real:  # expected peers of a chunk nobody holds: not named (above)
             soon = expected.get(d)
             if soon:
                 holders = list(dict.fromkeys([*(holders or ()), *soon]))

@@ -141,3 +141,16 @@ def test_a_real_holder_is_always_among_expected_ones() -> None:
                    quarantined={"holder": NOW + 60}, reports={}, expected={D: expected})
     got = ranked(v, k=4)
     assert len(got) == 4 and "holder" not in got
+
+
+def test_expected_peers_are_named_only_once_someone_holds_the_chunk() -> None:
+    """Before anyone holds a chunk, the peers expected to hold it are all waiting for the one
+    fetching it from the source; a requester must be pointed there, not at them."""
+    expected = ["soon1", "soon2"]
+    states = [state("holder"), *(state(p) for p in expected)]
+    nobody = LookupView(holders={}, peers={s.id: s for s in states}, quarantined={},
+                        reports={}, expected={D: expected})
+    assert ranked(nobody) == []
+    held = LookupView(holders={D: ["holder"]}, peers={s.id: s for s in states},
+                      quarantined={}, reports={}, expected={D: expected})
+    assert sorted(ranked(held)) == ["holder", "soon1", "soon2"]
