@@ -157,6 +157,14 @@ class _Busy(Exception):
     pass
 
 
+def _said(answer: tuple[str, list[PeerRef]] | None) -> str:
+    """A bulk fetch's record of the last lookup answer for a chunk, for its log line."""
+    if answer is None:
+        return "never looked up"
+    kind, peers = answer
+    return f"{kind} {','.join(p.id for p in peers)}" if peers else kind
+
+
 class Fetcher:
     """Gets chunks for the local API, the prefetcher and ``dfagent get`` (module docstring)."""
 
@@ -358,7 +366,7 @@ class Fetcher:
         horizon: list[str] = []
         # The last lookup answer per chunk, and a state line a second: the debug trace that
         # tells a slow bulk fetch (waiting on whom, for what) from a busy link.
-        answer: dict[str, str] = {}
+        answer: dict[str, tuple[str, list[PeerRef]]] = {}  # formatted only when logged
         trace = log.isEnabledFor(logging.DEBUG)
         next_trace = time.monotonic() + 1.0
         asked = 0  # source bytes this fetch is asking peers for now
@@ -399,8 +407,7 @@ class Fetcher:
                         log.info("bulk fetch: nothing arrived for %.0f s; %d chunks to the "
                                  "source, e.g. %s", patience, len(stuck), "; ".join(
                                      f"{d[:12]} {'waiting' if d in waiting else 'asked'} "
-                                     f"({answer.get(d, 'never looked up')})"
-                                     for d in stuck[:4]))
+                                     f"({_said(answer.get(d))})" for d in stuck[:4]))
                         break
                     deadline = self._arrived_at + patience
                 sourcing = any(not n for _, n, _ in jobs.values())
@@ -436,9 +443,8 @@ class Fetcher:
                             if ps:
                                 waiting.discard(d)
                                 cands[d] = ps
-                            answer[d] = (f"{'fetching' if d in found.fetching else 'at'} "
-                                         f"{','.join(p.id for p in ps)}" if ps else
-                                         "leased" if d in found.leases else "refused")
+                            answer[d] = ("fetching" if d in found.fetching else "at" if ps
+                                         else "leased" if d in found.leases else "refused", ps)
                         mine = {d: todo[d] for d in found.leases if d in waiting}
                         if mine:
                             waiting.difference_update(mine)
