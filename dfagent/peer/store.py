@@ -23,7 +23,8 @@ Contracts:
   ``upload.memory``) are kept and :meth:`read` returns them without touching the disk. When an
   image fans out, every peer asks for a chunk within seconds of its arrival; reading it back
   from a file each time (open, read, a thread for big ones) was a tenth of a busy peer's CPU.
-  Those bytes were verified before they were stored, so they need no structure check.
+  Those bytes were verified before they were stored, so they need no structure check;
+  :meth:`read_verified` still checks the file itself (a co-located client reads the file).
 * Quota: after a write, least recently used chunks are evicted until the total is within
   ``quota``; :meth:`put` returns what it evicted so the agent withdraws it at the supernode.
   Recency is in memory while the agent runs; at start-up it comes from file mtimes (the time
@@ -184,11 +185,12 @@ class ChunkStore:
         self._index.move_to_end(digest)
         return True
 
-    async def read(self, digest: str) -> bytes | None:
-        """The chunk file, structure-checked (not decoded); None when missing or dropped."""
+    async def read(self, digest: str, *, disk: bool = False) -> bytes | None:
+        """The chunk file, structure-checked (not decoded); None when missing or dropped.
+        ``disk``: the file itself, even when its bytes are in memory."""
         if not self.touch(digest):
             return None
-        data = self._recent.get(digest)
+        data = None if disk else self._recent.get(digest)
         if data is not None:
             return data
         try:
@@ -210,8 +212,10 @@ class ChunkStore:
 
     async def read_verified(self, digest: str, uncompressed_size: int | None = None
                             ) -> bytes | None:
-        """The chunk file after a full decode and blake3 check; a bad file is dropped."""
-        data = await self.read(digest)
+        """The chunk file after a full decode and blake3 check; a bad file is dropped. It is
+        the file on disk that is checked, not a copy in memory: a client that found a chunk
+        bad read the file (co-located reads go by path)."""
+        data = await self.read(digest, disk=True)
         if data is None:
             return None
         try:
