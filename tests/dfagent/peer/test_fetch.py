@@ -252,3 +252,90 @@ def test_bulk_fetches_share_an_image_through_leases(tmp_path: Path) -> None:
             await sn.close()
 
     run(go())
+
+
+async def _seeded(tmp: Path, sn_url: str, wants: list[ChunkWant], *peers: RunningPeer) -> None:
+    """Each of ``peers`` fetches ``wants`` from the source; returns once the supernode lists
+    every one of them as a holder of every chunk (bounded)."""
+    for p in peers:
+        for o in await p.fetcher.get_many(wants):
+            assert o.origin == "source"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        listed = await asyncio.gather(*(p.swarm.lookup([w.digest for w in wants])
+                                        for p in peers if p.swarm is not None))
+        if all(r is not None for r in listed):
+            break
+        await asyncio.sleep(0.05)
+
+
+def test_a_slow_but_moving_peer_is_not_timed_out(tmp_path: Path) -> None:
+    """``fetch.peer_timeout`` is on progress: a request that keeps bringing chunks, slowly,
+    runs past it and is not reported (it was, and its peer was paused for 30 s)."""
+    async def go() -> None:
+        sn = await start_supernode(SupernodeConfig(listen=HostPort("127.0.0.1", 0)))
+        # 16 KiB/s after a burst of two seconds' worth: a chunk about every 1.25 s, all four
+        # in about 3 s, in one request.
+        slow = await _peer(tmp_path, "slow", [sn.url], upload=UploadConfig(rate=16 << 10))
+        req = await _peer(tmp_path, "req", [sn.url],
+                          fetch=FetchConfig(lookup_timeout=5.0, peer_timeout=2.0,
+                                            hedge_after=60.0))
+        try:
+            wants = _wants(tmp_path, [chunk(20_000) for _ in range(4)])
+            await _seeded(tmp_path, sn.url, wants, slow)
+            for w in wants:  # strip the source: only the slow peer can serve now
+                (tmp_path / "blobs" / w.blob).unlink(missing_ok=True)
+            t0 = time.monotonic()
+            got = await asyncio.wait_for(req.fetcher.get_many(wants), 30)
+            assert time.monotonic() - t0 > 2.0  # it did run past peer_timeout in all
+            assert all(o.origin == "peer" and o.error is None for o in got)
+            assert sum(req.metrics.bad_peer_reports.labels(r)._value.get()
+                       for r in ("timeout", "error", "corrupt", "refused")) == 0
+        finally:
+            for p in (req, slow):
+                await p.close()
+            await sn.close()
+
+    run(go())
+
+
+def test_bulk_end_game_hedges_a_stalled_request(tmp_path: Path) -> None:
+    """The last chunk of a bulk fetch sits in a request to a peer that brings nothing (a
+    slow uplink); with nothing else to ask, after ``hedge_after`` it is asked of another
+    holder too, and the fetch ends long before the slow peer would have delivered."""
+    async def go() -> None:
+        sn = await start_supernode(SupernodeConfig(listen=HostPort("127.0.0.1", 0)))
+        # Same zone as the requester: the supernode ranks the slow peer first, every time.
+        slow = await _peer(tmp_path, "slow", [sn.url], upload=UploadConfig(rate=16 << 10),
+                           zone="z1")
+        fast = await _peer(tmp_path, "fast", [sn.url], zone="z2")
+        req = await _peer(tmp_path, "req", [sn.url], zone="z1",
+                          fetch=FetchConfig(lookup_timeout=5.0, hedge_after=0.5,
+                                            peer_timeout=60.0))
+        try:
+            wants = _wants(tmp_path, [chunk(400_000)])  # 25 s from the slow peer alone
+            await _seeded(tmp_path, sn.url, wants, slow, fast)
+            for _ in range(500):  # bounded: both listed as holders
+                view = await sn.scheduler.lookup([wants[0].digest], k=4)
+                if len(view.chunks.get(wants[0].digest, [])) == 2:
+                    break
+                await asyncio.sleep(0.02)
+            (tmp_path / "blobs" / wants[0].blob).unlink()  # only peers can serve now
+            t0 = time.monotonic()
+            (o,) = await asyncio.wait_for(req.fetcher.get_many(wants, bulk=True), 20)
+            assert o.origin == "peer" and o.error is None
+            assert time.monotonic() - t0 < 10
+            assert req.metrics.bad_peer_reports.labels("timeout")._value.get() == 0
+            # The loser is cancelled and the window given back (the chunk's waiters were
+            # answered as it landed, the bulk fetch ends just after).
+            for _ in range(250):
+                if req.fetcher._bulk_bytes == 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert req.fetcher._bulk_bytes == 0
+        finally:
+            for p in (req, fast, slow):
+                await p.close()
+            await sn.close()
+
+    run(go())
