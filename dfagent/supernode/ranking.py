@@ -29,10 +29,10 @@ of every requester queueing at its first holder. They are named only for a chunk
 peer holds: before anyone has it, every expected peer is waiting for the one fetching it from
 the source, and a requester pointed at them waited on a chain of peers instead of asking that
 one (the scheduler points it there: ``fetching``); the fan-out benchmark finished about a
-second and a half later. And one holder that has the chunk is always among the ``k`` when
-there is an eligible one, ranked or not: a reported holder ranks below the expected peers,
-which may be waiting for each other, and a requester that only ever heard of them never got
-the chunk.
+second and a half later. And one holder that has the chunk is always among the ``k``, ranked
+or not (with no eligible holder, none of them is named): a reported holder ranks below the
+expected peers, which may be waiting for each other, and a requester that only ever heard of
+them never got the chunk.
 
 Cost: each distinct holder's tier is computed once per call, then one dict probe per
 (digest, holder); batched lookups amortise the per-request work.
@@ -98,9 +98,10 @@ def rank(view: LookupView, digests: Iterable[str], *, k: int, now: float,
         if real and holders is not real:
             out_d = _rank_one(holders, tiers, tier_of, k, rng)
             if out_d and not any(pid in real for pid in out_d):
+                # A real holder always among them: the expected ones may all be waiting for
+                # each other. With no eligible holder (quarantined, expired) none is named.
                 best = _rank_one(list(real), tiers, tier_of, 1, rng)
-                if best:  # a real holder always among them: the expected ones may all be
-                    out_d = [*out_d[:k - 1], *best]  # waiting for each other
+                out_d = [*out_d[:k - 1], *best] if best else []
             if out_d:
                 out[d] = out_d
             continue

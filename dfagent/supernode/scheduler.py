@@ -156,25 +156,20 @@ class Scheduler:
         if not lease or requester is None:
             return LookupAnswer(chunks=chunks, peers=named())
         cfg = self.config.leases
-        # Chunks whose only candidates are peers *expected* to hold them: if no live lease
-        # roots them either, every one of those peers is waiting on the others and nobody
-        # fetches the chunk. Such a chunk is leased like one nobody holds.
-        # (Any announced holder roots it, ranked in the first k or not.)
-        holders = view.holders
-        unrooted = {d for d in chunks if not holders.get(d)}
-        if hits == len(digests) and not unrooted:
+        # A chunk nobody holds has no candidates even when peers are expected to hold it
+        # (``rank``): they would all be waiting on whoever fetches it from the source, or on
+        # each other if nobody does. So it is leased like any chunk nobody holds.
+        if hits == len(digests):
             if expect:
                 await self.store.expect(requester, list(chunks), until=now + cfg.ttl)
             return LookupAnswer(chunks=chunks, peers=named())
-        missing = [d for d in digests if d not in chunks or d in unrooted]
+        missing = [d for d in digests if d not in chunks]
         got = await self.store.lease(requester, missing, now=now, until=now + cfg.ttl,
                                      alive_since=self._alive_since(now), limit=cfg.per_peer,
                                      sizes=[sizes.get(d, 0) for d in missing] if sizes else None,
                                      byte_limit=cfg.bytes)
         if not got.live:
             return LookupAnswer(chunks=chunks, peers=named(), requester_known=False)
-        for d in got.granted:
-            chunks.pop(d, None)  # the requester's to fetch from the source now
         peers = named()
         # The requester will get these from peers: point the next requesters at it too.
         coming = [*chunks, *(d for d in got.others if d not in chunks)] if expect else []
@@ -191,9 +186,7 @@ class Scheduler:
         m = self.metrics.leases
         m.labels("granted").inc(len(got.granted))
         m.labels("fetching").inc(len(fetching))
-        granted = set(got.granted)
-        m.labels("refused").inc(sum(1 for d in missing if d not in chunks
-                                    and d not in granted and d not in fetching))
+        m.labels("refused").inc(len(missing) - len(got.granted) - len(fetching))
         return LookupAnswer(chunks=chunks, peers=peers, leases=got.granted, fetching=fetching)
 
     # -- reports -------------------------------------------------------------------------
