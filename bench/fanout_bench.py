@@ -33,7 +33,14 @@ to the last node complete. It is compared with the lower bound of DESIGN §6,
 egress is measured two ways: the HTTP body bytes the registry logged for blob GETs (what it
 served), and the ``tx_bytes`` counter of its interface (everything on the wire, headers
 included); both ÷ S. Each peer's ``dfagent_*`` metrics are scraped at the end of a P2P sample
-(bytes by origin). Medians over ``--runs``; the methods alternate round by round.
+(bytes by origin). A background thread (:class:`LinkTimeline`) reads every host's bytes in
+and out from the bridge ports every 0.5 s: the report shows how busy the links were and
+when. Medians over ``--runs``; the methods alternate round by round.
+
+Every node runs ``nydusfs service`` for the whole benchmark, as a node runs its image daemon,
+and both methods mount through it (``--no-service``: each mount starts its own daemon).
+``--peer-log-level debug`` makes every peer log a state line per bulk fetch a second (with
+``--keep``, the logs of the last sample stay under the work directory).
 
 Machine note: every mount and every peer is a Python process, so N=8 is 16 processes plus the
 registry and the supernode on 2 cores; the CPU time of the whole run is recorded next to the

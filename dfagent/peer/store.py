@@ -87,7 +87,6 @@ class ChunkStore:
         self._index: OrderedDict[str, int] = OrderedDict()  # digest -> file size, LRU first
         self._total = 0
         self.counters = StoreStats()
-        self._subdirs: set[str] = set()  # chunks/<xx> directories known to exist
         self._tmp_names = itertools.count()
         # The latest chunks stored, their bytes (verified before they were stored), oldest
         # first, at most ``memory`` bytes: what peers ask for right after it arrived.
@@ -138,9 +137,7 @@ class ChunkStore:
         # All 256 subdirectories now, at start: not one by one while an image is arriving,
         # on the event loop, when each costs a journal update on a busy disk.
         for i in range(256):
-            name = f"{i:02x}"
-            (self._chunks / name).mkdir(exist_ok=True)
-            self._subdirs.add(name)
+            (self._chunks / f"{i:02x}").mkdir(exist_ok=True)
         return found
 
     @staticmethod
@@ -271,11 +268,8 @@ class ChunkStore:
             self._recent_bytes -= len(old)
 
     def _write(self, path: Path, data: bytes) -> None:
-        sub = path.parent.name
-        if sub not in self._subdirs:
-            path.parent.mkdir(exist_ok=True)
-            self._subdirs.add(sub)
-        # The agent is the only writer of tmp/ (one per data_dir), so pid + counter is unique.
+        # chunks/<xx>/ exists: open() made all 256. The agent is the only writer of tmp/
+        # (one per data_dir), so pid + counter is unique.
         tmp = os.path.join(self._tmp, f"{os.getpid()}-{next(self._tmp_names)}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:

@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from dfagent.peer.agent import start_peer
+from dfagent.peer.agent import RunningPeer, start_peer
 from dfagent.peer.config import PeerConfig
 from nydusfs.config import BackendConfig, DragonflyConfig, HostPort, parse_config
 from nydusfs.format.reader import Bootstrap
@@ -67,6 +67,13 @@ def test_config_forms_and_defaults(tmp_path: Path) -> None:
         base_dir=tmp_path).backend.registry).source_type == "registry"
 
 
+async def _agent(tmp: Path, socket: str) -> RunningPeer:
+    """A real ``dfagent peer`` with no supernode (a caching proxy to the sources): its local
+    API on ``tmp / socket``, its store in ``tmp / "data"``."""
+    return await start_peer(PeerConfig(listen=HostPort("127.0.0.1", 0), socket=tmp / socket,
+                                       data_dir=tmp / "data"))
+
+
 def _fs(image: Path, socket: Path, **df: object) -> ImageFS:
     cfg = parse_config({"backend": {"type": "dragonfly",
                                     "dragonfly": {"socket": str(socket), **df}}},
@@ -95,9 +102,7 @@ def test_reads_through_the_agent_and_back_to_source_when_it_dies(
     img, files = image
 
     async def go() -> None:
-        peer = await start_peer(PeerConfig(listen=HostPort("127.0.0.1", 0),
-                                           socket=tmp_path / "a.sock",
-                                           data_dir=tmp_path / "data"))
+        peer = await _agent(tmp_path, "a.sock")
         try:
             fs = _fs(img, peer.socket)
             df = _dragonfly(fs)
@@ -214,9 +219,7 @@ def test_a_busy_agent_that_is_alive_is_waited_for(
     front = tmp_path / "front.sock"
 
     async def go() -> None:
-        peer = await start_peer(PeerConfig(listen=HostPort("127.0.0.1", 0),
-                                           socket=tmp_path / "agent.sock",
-                                           data_dir=tmp_path / "data"))
+        peer = await _agent(tmp_path, "agent.sock")
         probes = 0
         probed_twice = asyncio.Event()
 
@@ -269,9 +272,7 @@ def test_a_full_prefetch_warms_the_agent_without_reading_here(
     img, files = image
 
     async def go() -> None:
-        peer = await start_peer(PeerConfig(listen=HostPort("127.0.0.1", 0),
-                                           socket=tmp_path / "a.sock",
-                                           data_dir=tmp_path / "data"))
+        peer = await _agent(tmp_path, "a.sock")
         try:
             fs = _fs(img, peer.socket)
             df = _dragonfly(fs)

@@ -21,7 +21,7 @@ from dfagent.peer.fetcher import ChunkWant
 from dfagent.peer.source import parse_location
 from dfagent.supernode.client import PeerRef
 from dfagent.supernode.config import SupernodeConfig
-from dfagent.supernode.server import start_supernode
+from dfagent.supernode.server import RunningSupernode, start_supernode
 from nydusfs.config import HostPort
 
 from .helpers import Chunk, blob_of, chunk, run
@@ -39,6 +39,21 @@ async def _peer(tmp: Path, name: str, supernodes: list[str], **kw: object) -> Ru
                      data_dir=tmp / name, supernodes=tuple(supernodes),
                      **kw)  # type: ignore[arg-type]
     return await start_peer(cfg)
+
+
+async def _seeded(sn: RunningSupernode, wants: list[ChunkWant], *peers: RunningPeer) -> None:
+    """Each of ``peers`` fetches ``wants`` from the source; returns once the supernode lists
+    all of them as holders of every chunk (bounded)."""
+    for p in peers:
+        for o in await p.fetcher.get_many(wants):
+            assert o.origin == "source"
+    digests = [w.digest for w in wants]
+    for _ in range(1000):  # bounded: 20 s
+        view = await sn.scheduler.lookup(digests, k=len(peers))
+        if all(len(view.chunks.get(d, [])) == len(peers) for d in digests):
+            return
+        await asyncio.sleep(0.02)
+    pytest.fail("the seeding peers' chunks were not announced within 20 s")
 
 
 def test_single_flight_and_a_frozen_supernode(tmp_path: Path) -> None:
@@ -89,14 +104,7 @@ def test_slow_peer_is_hedged_and_bad_source_data_is_refused(tmp_path: Path) -> N
         try:
             big = chunk(400_000)  # 25 s from the slow peer alone
             wants = _wants(tmp_path, [big])
-            for p in (slow, fast):
-                (o,) = await p.fetcher.get_many(wants)
-                assert o.origin == "source"
-            for _ in range(500):  # bounded: both announced
-                view = await sn.scheduler.lookup([big.digest], k=4)
-                if len(view.chunks.get(big.digest, [])) == 2:
-                    break
-                await asyncio.sleep(0.02)
+            await _seeded(sn, wants, slow, fast)
             # Strip the source: only peers can serve now.
             (tmp_path / "blobs" / wants[0].blob).unlink()
             (o,) = await asyncio.wait_for(req.fetcher.get_many(wants), 20)
@@ -254,21 +262,6 @@ def test_bulk_fetches_share_an_image_through_leases(tmp_path: Path) -> None:
     run(go())
 
 
-async def _seeded(tmp: Path, sn_url: str, wants: list[ChunkWant], *peers: RunningPeer) -> None:
-    """Each of ``peers`` fetches ``wants`` from the source; returns once the supernode lists
-    every one of them as a holder of every chunk (bounded)."""
-    for p in peers:
-        for o in await p.fetcher.get_many(wants):
-            assert o.origin == "source"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        listed = await asyncio.gather(*(p.swarm.lookup([w.digest for w in wants])
-                                        for p in peers if p.swarm is not None))
-        if all(r is not None for r in listed):
-            break
-        await asyncio.sleep(0.05)
-
-
 def test_a_slow_but_moving_peer_is_not_timed_out(tmp_path: Path) -> None:
     """``fetch.peer_timeout`` is on progress: a request that keeps bringing chunks, slowly,
     runs past it and is not reported (it was, and its peer was paused for 30 s)."""
@@ -282,7 +275,7 @@ def test_a_slow_but_moving_peer_is_not_timed_out(tmp_path: Path) -> None:
                                             hedge_after=60.0))
         try:
             wants = _wants(tmp_path, [chunk(20_000) for _ in range(4)])
-            await _seeded(tmp_path, sn.url, wants, slow)
+            await _seeded(sn, wants, slow)
             for w in wants:  # strip the source: only the slow peer can serve now
                 (tmp_path / "blobs" / w.blob).unlink(missing_ok=True)
             t0 = time.monotonic()
@@ -314,12 +307,7 @@ def test_bulk_end_game_hedges_a_stalled_request(tmp_path: Path) -> None:
                                             peer_timeout=60.0))
         try:
             wants = _wants(tmp_path, [chunk(400_000)])  # 25 s from the slow peer alone
-            await _seeded(tmp_path, sn.url, wants, slow, fast)
-            for _ in range(500):  # bounded: both listed as holders
-                view = await sn.scheduler.lookup([wants[0].digest], k=4)
-                if len(view.chunks.get(wants[0].digest, [])) == 2:
-                    break
-                await asyncio.sleep(0.02)
+            await _seeded(sn, wants, slow, fast)
             (tmp_path / "blobs" / wants[0].blob).unlink()  # only peers can serve now
             t0 = time.monotonic()
             (o,) = await asyncio.wait_for(req.fetcher.get_many(wants, bulk=True), 20)
