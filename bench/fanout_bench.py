@@ -231,6 +231,7 @@ class LabCluster:
     peers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     mounts: dict[str, MountHandle] = field(default_factory=dict)
     peer_log_level: str = "info"
+    peer_extra: str = ""  # more YAML for every peer's config (``--peer-config``)
     services: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property
@@ -335,7 +336,7 @@ class LabCluster:
             f"socket: {self.peer_socket(node)}\n"
             f"data_dir: {data}\n"
             "quota: 4GiB\n"
-            f"{extra}")
+            f"{self.peer_extra}{extra}")
         log = d / "peer.log"
         log.unlink(missing_ok=True)
         self.peers[node] = self.lab.spawn(node, [*DFAGENT, "--log-level", self.peer_log_level,
@@ -687,6 +688,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image-mb", type=int, default=200, help="image size, MB compressed")
     ap.add_argument("--methods", default="registry,p2p")
     ap.add_argument("--workdir", type=Path, default=CACHE_DIR / "fanout")
+    ap.add_argument("--peer-config", default="", metavar="YAML",
+                    help="more lines for every peer's config, e.g. 'fetch: {hedge_after: 4s}' "
+                         "(tuning experiments; recorded in the results)")
     ap.add_argument("--peer-log-level", default="info",
                     help="the peers' --log-level (debug: a state line per bulk fetch a second)")
     ap.add_argument("--no-service", action="store_true",
@@ -712,7 +716,8 @@ def main(argv: list[str] | None = None) -> int:
     samples: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     discarded: list[dict[str, Any]] = []  # samples that failed and were taken again
     lab = NetLab(["reg", "sn", *nodes], rate=args.rate)
-    cluster = LabCluster(lab, work, peer_log_level=args.peer_log_level)
+    cluster = LabCluster(lab, work, peer_log_level=args.peer_log_level,
+                         peer_extra=args.peer_config.strip() + "\n" if args.peer_config else "")
     t_start = time.monotonic()
     try:
         image = ensure_fanout_image(args.image_mb)
@@ -768,7 +773,7 @@ def main(argv: list[str] | None = None) -> int:
                    "image_mb": args.image_mb, "data_file": DATA_FILE, "seed": DATA_SEED,
                    "data_files": data_files(args.image_mb, ensure_image()),
                    "packages": " ".join(image.packages), "layers": list(image.layers),
-                   "mount_service": not args.no_service},
+                   "mount_service": not args.no_service, "peer_config": args.peer_config},
         "runs": args.runs,
         "image": prep,
         "lower_bound_s": lb,

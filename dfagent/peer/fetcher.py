@@ -105,12 +105,15 @@ MAX_ROUNDS = 1000  # bound on lookup rounds per fetch (``fetch.lease_wait`` boun
 LEASE_WAITS = 3  # a fetch waits on others at most this many ``fetch.lease_wait`` in all
 PEER_BATCH_BYTES = 2 << 20  # source bytes of the chunks asked of one peer in one request
 INLINE_VERIFY = 256 * 1024  # chunks up to this size are verified on the event loop
+PROGRESS_PIECE = 256 * 1024  # bytes of a chunk from a peer that count as progress
 BULK_WINDOW = 32 << 20  # source bytes a node asks of peers at once in bulk fetches
 BULK_LOOKUP = 256  # digests per bulk lookup (a busy supernode answers small ones in time)
 SOURCE_PIECE = 1 << 20  # source bytes per read of a source fetch (one GET for neighbours)
 SOURCE_LANES = 2  # reads of one source fetch running at once
 AHEAD_JOBS = 2  # source fetches a node keeps running by leasing ahead (one starts as one ends)
 MAX_BULK_STEPS = 100_000  # bound on the steps of one bulk fetch (time bounds it first)
+DEFAULT_LEASE_TTL = 10.0  # seconds: leases.ttl when the supernode did not say (its default)
+MAX_RENEWALS = 100_000  # bound on the renewal rounds of one run of ``_renew_leases``
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,11 +149,36 @@ class Tracker(Protocol):
     async def lookup(self, digests: list[str], sizes: Mapping[str, int] | None = None, *,
                      expect: bool = True) -> LookupResult | None: ...
 
+    @property
+    def lease_ttl(self) -> float | None:
+        """Seconds a source lease lasts unless renewed (the supernode's ``leases.ttl``);
+        None until a supernode said."""
+        ...
+
     def announce(self, digests: Iterable[str]) -> None: ...
 
     def withdraw(self, digests: Iterable[str]) -> None: ...
 
     def report(self, peer_id: str, reason: str, digest: str | None) -> None: ...
+
+
+async def _read_body(content: aiohttp.StreamReader, length: int, progress: asyncio.Timeout,
+                     limit: float) -> bytes:
+    """``length`` bytes of a frame body, pushing ``progress`` (a timeout on progress) ``limit``
+    seconds on after every ``PROGRESS_PIECE`` of it: a 1 MiB chunk from a peer whose uplink
+    is shared by dozens of requests can take longer than ``fetch.peer_timeout`` while its
+    bytes keep coming."""
+    if length <= PROGRESS_PIECE:
+        return await content.readexactly(length)
+    loop = asyncio.get_running_loop()
+    parts = []
+    left = length
+    while left > 0:
+        n = min(left, PROGRESS_PIECE)
+        parts.append(await content.readexactly(n))
+        left -= n
+        progress.reschedule(loop.time() + limit)
+    return b"".join(parts)
 
 
 class _Busy(Exception):
@@ -184,6 +212,10 @@ class Fetcher:
         self._progress = asyncio.Event()  # replaced (after set) when a source batch ends
         self._source_slots = asyncio.Semaphore(config.concurrency)
         self._sourcing = 0  # source fetches (_from_source calls) running on this node
+        # Chunks this node is fetching from the source under its leases (digest -> source
+        # size), kept alive by ``_renew_leases`` until their source reads end.
+        self._leased_now: dict[str, int] = {}
+        self._renewer: asyncio.Task[None] | None = None
         self._bulk_bytes = 0  # source bytes bulk fetches are asking of peers now
         self._bulk_loops = 0  # bulk fetches running now (they share BULK_WINDOW)
         self._arrived_at = 0.0  # when a chunk last arrived (monotonic), from anywhere
@@ -195,6 +227,10 @@ class Fetcher:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        renewer, self._renewer = self._renewer, None
+        if renewer is not None:
+            renewer.cancel()
+            await asyncio.gather(renewer, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
 
@@ -288,7 +324,7 @@ class Fetcher:
             mine = {d: rest[d] for d in found.leases if d in rest and d not in cands}
             if mine:
                 self.metrics.source_fetches.labels("leased").inc(len(mine))
-                jobs.append(self._from_source(mine, out, t0))
+                jobs.append(self._from_source(mine, out, t0, leased=True))
             retry: set[str] = set()
             if cands:
                 jobs.append(self._from_peers({d: rest[d] for d in cands}, cands, out, t0,
@@ -449,7 +485,8 @@ class Fetcher:
                         if mine:
                             waiting.difference_update(mine)
                             self.metrics.source_fetches.labels("leased").inc(len(mine))
-                            task = asyncio.create_task(self._from_source(mine, out, t0))
+                            task = asyncio.create_task(self._from_source(mine, out, t0,
+                                                                          leased=True))
                             jobs[task] = (list(mine), 0, "")
                 if connected and waiting and self._sourcing < AHEAD_JOBS and \
                         time.monotonic() >= next_ahead and \
@@ -458,7 +495,8 @@ class Fetcher:
                     mine = await self._lease_ahead(order, head, horizon, waiting, elsewhere,
                                                    todo)
                     if mine:
-                        task = asyncio.create_task(self._from_source(mine, out, t0))
+                        task = asyncio.create_task(self._from_source(mine, out, t0,
+                                                                      leased=True))
                         jobs[task] = (list(mine), 0, "")
                 for p, ds in self._bulk_batches(cands, todo, tried, waiting,
                                                 self._bulk_room(asked)):
@@ -792,10 +830,13 @@ class Fetcher:
         self._asking[peer.id] = self._asking.get(peer.id, 0) + len(digests)
         limit = self.config.peer_timeout
         try:
-            # The timeout is on progress: it starts again with every chunk received. A busy
-            # peer whose uplink is shared by many requests still delivers, only slowly; the
-            # end game's hedge deals with it, and reporting it as timed out (and pausing
-            # it for BAD_PEER_PAUSE) stranded the chunks only it had.
+            # The timeout is on progress: it starts again with every chunk received, and
+            # every PROGRESS_PIECE of a big one (``_read_body``). A busy peer whose uplink is
+            # shared by many requests still delivers, only slowly; the end game's hedge deals
+            # with it, and reporting it as timed out (and pausing it for BAD_PEER_PAUSE)
+            # stranded the chunks only it had — and with links at 50 Mbit/s, three such
+            # reports quarantined healthy peers, whose chunks were then fetched from the
+            # source again (1.46x the image from the registry).
             async with asyncio.timeout(limit) as progress:
                 async with self._http().post(f"{peer.address}/chunks",
                                              json={"digests": digests}) as resp:
@@ -816,7 +857,7 @@ class Fetcher:
                         current = d
                         if d not in wants:
                             raise IntegrityError(f"peer sent chunk {d} that was not asked for")
-                        body = await resp.content.readexactly(length)
+                        body = await _read_body(resp.content, length, progress, limit)
                         progress.reschedule(asyncio.get_running_loop().time() + limit)
                         if mark is not None:
                             mark[0] = time.monotonic()
@@ -878,7 +919,9 @@ class Fetcher:
     # -- source ---------------------------------------------------------------------------
 
     async def _from_source(self, todo: dict[str, ChunkWant], out: dict[str, Outcome],
-                           t0: float) -> None:
+                           t0: float, *, leased: bool = False) -> None:
+        """``todo`` from its source locations; ``leased``: this node holds the supernode's
+        source leases on them, renewed while the fetch moves (:meth:`_renew_leases`)."""
         by_source: dict[SourceLocation, list[ChunkWant]] = {}
         for d, w in todo.items():
             if w.source is None or not w.blob:
@@ -907,13 +950,50 @@ class Fetcher:
             if piece:
                 jobs.append(self._source_batch(loc, piece, out, t0, lanes))
         self._sourcing += 1
+        if leased and self.tracker is not None:
+            for d, w in todo.items():
+                self._leased_now[d] = w.size
+            if self._renewer is None or self._renewer.done():
+                self._renewer = asyncio.create_task(self._renew_leases())
         try:
             await asyncio.gather(*jobs)
         finally:
+            if leased:
+                for d in todo:
+                    self._leased_now.pop(d, None)
             self._sourcing -= 1
             # Leases this node held are released (announced): wake its refused requests.
             self._progress.set()
             self._progress = asyncio.Event()
+
+    async def _renew_leases(self) -> None:
+        """Keep this node's source leases alive while it fetches those chunks: every third
+        of the supernode's ``leases.ttl``, a leases-only lookup (``expect`` false) of the
+        chunks whose source reads have not ended renews them (a holder asking again is
+        always granted). Stops when no leased fetch is left. A read that hangs ends by the
+        source backend's own timeouts; its leases then lapse within ``leases.ttl``, and
+        another node takes them over.
+
+        Why: a lease used to last ``leases.ttl`` however long the fetch took. When the
+        source link was shared by many (8 nodes at 50 Mbit/s), a node's 4 MiB of leases
+        took longer than that, the leases were granted again to other nodes, and the
+        registry served 1.3x the image: every node fetched what another was fetching."""
+        tracker = self.tracker
+        assert tracker is not None
+        for _ in range(MAX_RENEWALS):
+            ttl = tracker.lease_ttl or DEFAULT_LEASE_TTL
+            await asyncio.sleep(ttl / 3)
+            if not self._leased_now:
+                break
+            if not tracker.connected:
+                continue
+            digests = list(self._leased_now)
+            log.debug("renewing %d leases", len(digests))
+            for i in range(0, len(digests), BULK_LOOKUP):
+                part = digests[i:i + BULK_LOOKUP]
+                await tracker.lookup(part, {d: self._leased_now.get(d, 0) for d in part},
+                                     expect=False)
+        self._renewer = None
 
     async def _source_batch(self, loc: SourceLocation, ws: list[ChunkWant],
                             out: dict[str, Outcome], t0: float,
@@ -928,7 +1008,9 @@ class Fetcher:
         except RequestError as exc:
             fail("bad_request", str(exc))
             return
+        queued = time.monotonic()
         async with lanes, self._source_slots:
+            began = time.monotonic()
             try:
                 datas = await backend.read_many(
                     [RangeRequest(w.blob, w.offset, w.size) for w in ws])
@@ -938,6 +1020,12 @@ class Fetcher:
             except StorageError as exc:
                 fail("unavailable", f"{loc.describe()}: {exc}")
                 return
+            finally:
+                for w in ws:
+                    self._leased_now.pop(w.digest, None)
+            log.debug("source piece of %d chunks (%s..., %d bytes): %.2f s, after %.2f s "
+                      "queued", len(ws), ws[0].digest[:12], sum(w.size for w in ws),
+                      time.monotonic() - began, began - queued)
         for w, payload in zip(ws, datas, strict=True):
             d = w.digest
             try:

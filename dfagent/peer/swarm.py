@@ -65,11 +65,16 @@ class Swarm:
         self._beat_now = False  # heartbeat at once (a lookup went unanswered)
         self._reports: set[asyncio.Task[None]] = set()
         self.registrations = 0
+        self._lease_ttl: float | None = None  # the supernode's leases.ttl, once it said
         self.first_attempt = asyncio.Event()  # set once the first registration was tried
 
     @property
     def connected(self) -> bool:
         return self._connected
+
+    @property
+    def lease_ttl(self) -> float | None:
+        return self._lease_ttl
 
     def _set_connected(self, value: bool) -> None:
         if value != self._connected:
@@ -157,6 +162,8 @@ class Swarm:
                     continue
                 self.registrations += 1
                 self.metrics.registrations.inc()
+                if reg.lease_ttl is not None and reg.lease_ttl > 0:
+                    self._lease_ttl = reg.lease_ttl
                 interval = max(0.05, reg.heartbeat_interval)
                 next_beat = time.monotonic() + interval
                 if self.registrations == 1:

@@ -240,7 +240,8 @@ async def _get_batch(request: web.Request) -> web.StreamResponse:
             slot.metrics.uploads.inc()
         await resp.write_eof()
         return resp
-    except ConnectionResetError:  # the requester went away (it got the chunks elsewhere)
+    except ConnectionError:  # the requester went away (it got the chunks elsewhere: the
+        # loser of a hedge is cancelled); aiohttp says "Connection lost" or a reset
         log.debug("batch for %s: the requester went away", request.remote)
         return resp
     finally:

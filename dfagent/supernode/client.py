@@ -103,6 +103,7 @@ class Registration:
     peer_ttl: float
     heartbeat_interval: float
     supernode: str  # the URL that accepted it
+    lease_ttl: float | None = None  # how long a source lease lasts unrenewed (None: not said)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,9 +166,11 @@ class SupernodeClient:
                 "capacity": info.capacity, "reset": reset}
         data = await self._call("PUT", f"/api/v1/peers/{info.id}", body)
         try:
+            lease_ttl = data.get("lease_ttl")
             return Registration(peer_ttl=float(data["peer_ttl"]),
                                 heartbeat_interval=float(data["heartbeat_interval"]),
-                                supernode=self._current or "")
+                                supernode=self._current or "",
+                                lease_ttl=None if lease_ttl is None else float(lease_ttl))
         except (KeyError, TypeError, ValueError) as exc:
             raise SupernodeRejected(f"supernode: malformed register answer: {exc}",
                                     status=200, code="malformed") from exc

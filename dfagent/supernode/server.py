@@ -178,7 +178,8 @@ async def _register(request: web.Request) -> web.Response:
         raise RequestError(f"reset: expected true or false, got {reset!r}")
     await sched.register(info, reset=reset)
     ttl = sched.config.peer_ttl
-    return web.json_response({"id": pid, "peer_ttl": ttl, "heartbeat_interval": ttl / 3})
+    return web.json_response({"id": pid, "peer_ttl": ttl, "heartbeat_interval": ttl / 3,
+                              "lease_ttl": sched.config.leases.ttl})
 
 
 async def _heartbeat(request: web.Request) -> web.Response:

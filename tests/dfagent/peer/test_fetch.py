@@ -20,7 +20,7 @@ from dfagent.peer.config import FetchConfig, PeerConfig, UploadConfig
 from dfagent.peer.fetcher import ChunkWant
 from dfagent.peer.source import parse_location
 from dfagent.supernode.client import PeerRef
-from dfagent.supernode.config import SupernodeConfig
+from dfagent.supernode.config import LeaseConfig, SupernodeConfig
 from dfagent.supernode.server import RunningSupernode, start_supernode
 from nydusfs.config import HostPort
 
@@ -286,6 +286,78 @@ def test_a_slow_but_moving_peer_is_not_timed_out(tmp_path: Path) -> None:
                        for r in ("timeout", "error", "corrupt", "refused")) == 0
         finally:
             for p in (req, slow):
+                await p.close()
+            await sn.close()
+
+    run(go())
+
+
+def test_a_big_chunk_that_keeps_coming_is_not_timed_out(tmp_path: Path) -> None:
+    """Progress is counted in bytes, not only in whole chunks: one 1 MB chunk from a peer
+    at 128 KiB/s takes longer than ``fetch.peer_timeout`` but arrives, and the peer is not
+    reported (at 50 Mbit/s such reports quarantined healthy peers, and everything they
+    held was fetched from the registry again)."""
+    async def go() -> None:
+        sn = await start_supernode(SupernodeConfig(listen=HostPort("127.0.0.1", 0)))
+        slow = await _peer(tmp_path, "slow", [sn.url], upload=UploadConfig(rate=128 << 10))
+        req = await _peer(tmp_path, "req", [sn.url],
+                          fetch=FetchConfig(lookup_timeout=5.0, peer_timeout=3.0,
+                                            hedge_after=60.0))
+        try:
+            wants = _wants(tmp_path, [chunk(1_000_000)])
+            await _seeded(sn, wants, slow)
+            (tmp_path / "blobs" / wants[0].blob).unlink()  # only the slow peer can serve
+            t0 = time.monotonic()
+            (o,) = await asyncio.wait_for(req.fetcher.get_many(wants), 30)
+            assert time.monotonic() - t0 > 3.0  # longer than peer_timeout in all
+            assert o.origin == "peer" and o.error is None
+            assert sum(req.metrics.bad_peer_reports.labels(r)._value.get()
+                       for r in ("timeout", "error", "corrupt", "refused")) == 0
+        finally:
+            for p in (req, slow):
+                await p.close()
+            await sn.close()
+
+    run(go())
+
+
+def test_a_source_fetch_longer_than_its_lease_keeps_it(tmp_path: Path) -> None:
+    """A node fetching a chunk from a slow source under a lease renews the lease while it
+    fetches: another node asking meanwhile, after several ``leases.ttl``, is pointed at it
+    (``fetching``) instead of being granted the lease and fetching the chunk too."""
+    async def go() -> None:
+        sn = await start_supernode(SupernodeConfig(listen=HostPort("127.0.0.1", 0),
+                                                   leases=LeaseConfig(ttl=0.6)))
+        a = await _peer(tmp_path, "a", [sn.url], fetch=FetchConfig(lookup_timeout=5.0))
+        b = await _peer(tmp_path, "b", [sn.url], fetch=FetchConfig(lookup_timeout=5.0))
+        try:
+            assert a.swarm is not None and b.swarm is not None
+            for _ in range(250):
+                if a.swarm.lease_ttl is not None and b.swarm.connected:
+                    break
+                await asyncio.sleep(0.02)
+            assert a.swarm.lease_ttl == pytest.approx(0.6)  # the supernode said
+            wants = _wants(tmp_path, [chunk(50_000)])
+            (w,) = wants
+            assert w.source is not None
+            backend = a.sources.backend(w.source)
+            read_many = backend.read_many
+
+            async def slow_read(reqs: Any) -> list[bytes]:  # a slow source link
+                await asyncio.sleep(2.5)
+                return await read_many(reqs)
+
+            backend.read_many = slow_read  # type: ignore[method-assign,assignment]
+            fetch = asyncio.create_task(a.fetcher.get_many(wants))
+            await asyncio.sleep(1.8)  # three lease lifetimes into the source read
+            found = await b.swarm.lookup([w.digest], {w.digest: w.size}, expect=False)
+            assert found is not None
+            assert w.digest not in found.leases
+            assert found.fetching[w.digest].id == "a"
+            (o,) = await asyncio.wait_for(fetch, 30)
+            assert o.origin == "source" and o.error is None
+        finally:
+            for p in (b, a):
                 await p.close()
             await sn.close()
 

@@ -204,7 +204,7 @@ def test_peer_lifecycle_and_lookup_format() -> None:
                                       register_body(9001, zone="z1", labels={"rack": "r1"},
                                                     capacity=4))
             assert (status, data) == (200, {"id": "node-1", "peer_ttl": 30.0,
-                                            "heartbeat_interval": 10.0})
+                                            "heartbeat_interval": 10.0, "lease_ttl": 10.0})
             await call(http, "PUT", "/api/v1/peers/node-2", register_body(9002, zone="z2"))
             assert await call(http, "POST", "/api/v1/peers/node-1/announce",
                               {"digests": ds}) == (200, {"added": 3})
