@@ -40,14 +40,19 @@ when. Medians over ``--runs``; the methods alternate round by round.
 Every node runs ``nydusfs service`` for the whole benchmark, as a node runs its image daemon,
 and both methods mount through it (``--no-service``: each mount starts its own daemon).
 ``--peer-log-level debug`` makes every peer log a state line per bulk fetch a second (with
-``--keep``, the logs of the last sample stay under the work directory).
+``--keep``, the logs of the last sample stay under the work directory; with ``debug`` each
+source piece is logged too). ``--peer-config YAML`` adds lines to every peer's config (tuning
+runs, e.g. ``'fetch: {hedge_after: 4s}'``; recorded in the results). ``--rate 50mbit`` is
+worth a run now and then: the protocol's timers (``fetch.peer_timeout``, ``leases.ttl``)
+were once tuned to 100mbit only, and at 50mbit healthy peers got quarantined.
 
 Machine note: every mount and every peer is a Python process, so N=8 is 16 processes plus the
 registry and the supernode on 2 cores; the CPU time of the whole run is recorded next to the
 results so a slow completion can be told apart from a slow protocol.
 
-Raw samples go to ``bench/.cache/results/fanout.json``; ``report.py`` renders the section
-(:mod:`fanout_report`). Needs root, /dev/fuse, iproute2, nsenter, umoci, skopeo,
+Raw samples go to ``bench/.cache/results/fanout.json`` (``--save-as NAME``: ``NAME.json``);
+``report.py`` renders the section (:mod:`fanout_report`), with ``fanout-50mbit.json`` as a line
+of its own when present. Needs root, /dev/fuse, iproute2, nsenter, umoci, skopeo,
 docker-registry.
 """
 
@@ -688,6 +693,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image-mb", type=int, default=200, help="image size, MB compressed")
     ap.add_argument("--methods", default="registry,p2p")
     ap.add_argument("--workdir", type=Path, default=CACHE_DIR / "fanout")
+    ap.add_argument("--save-as", default="fanout", metavar="NAME",
+                    help="results file bench/.cache/results/NAME.json (default fanout; "
+                         "report.py also shows fanout-50mbit: "
+                         "--rate 50mbit --methods p2p --save-as fanout-50mbit)")
     ap.add_argument("--peer-config", default="", metavar="YAML",
                     help="more lines for every peer's config, e.g. 'fetch: {hedge_after: 4s}' "
                          "(tuning experiments; recorded in the results)")
@@ -785,7 +794,7 @@ def main(argv: list[str] | None = None) -> int:
         "medians": medians,
         "wall_s": time.monotonic() - t_start,
     }
-    path = save_result("fanout", result)
+    path = save_result(args.save_as, result)
     for m, x in medians.items():
         print(f"{m}: {x['seconds']:.1f} s = x{x['time_ratio']:.2f} bound; registry served "
               f"x{x['served_ratio']:.3f} image (wire x{x['wire_ratio']:.3f})", file=sys.stderr)

@@ -36,7 +36,10 @@ def _origin_bytes(s: dict[str, Any], origin: str) -> float:
                      for m in s["peer_metrics"].values()))
 
 
-def fanout_section(r: dict[str, Any] | None, number: int) -> list[str]:
+def fanout_section(r: dict[str, Any] | None, number: int,
+                   others: list[dict[str, Any]] | None = None) -> list[str]:
+    """The fan-out section; ``others``: P2P-only runs at other link rates
+    (``fanout_bench.py --save-as fanout-50mbit``), a line each."""
     out = [f"## {number}. Fan-out: N nodes read a whole image at once, registry vs P2P", ""]
     if r is None:
         return [*out, "Not measured yet: run `make bench-fanout` "
@@ -94,6 +97,20 @@ def fanout_section(r: dict[str, Any] | None, number: int) -> list[str]:
         out.append(f"| {_LABELS.get(meth, meth)} | {x['seconds']:.1f} s | "
                    f"{x['time_ratio']:.2f} | {x['served_ratio']:.2f} | {x['wire_ratio']:.2f} | "
                    f"{x['cpu_s']:.0f} CPU-s |")
+    for other in others or []:
+        x = other["medians"].get("p2p")
+        if x is None:
+            continue
+        op = other["params"]
+        out += ["", f"At {op['rate']} links (P2P only, the same {op['nodes']} nodes and image; "
+                    f"lower bound {other['lower_bound_s']:.1f} s; medians of {other['runs']}): "
+                    f"{x['seconds']:.1f} s = {x['time_ratio']:.2f}x the bound, registry served "
+                    f"{x['served_ratio']:.2f} x S, {x['cpu_s']:.0f} CPU-s. Half the link rate "
+                    "does not halve the CPU per second: with dozens of flows per link, each "
+                    "flow's TCP sends small segments (about 5.5 kB per packet on a node's "
+                    "link at 100mbit), so the packets per second, and the wake-ups of the "
+                    "agents, stay about the same. Measured "
+                    f"{other['machine']['date']}, {other['machine'].get('revision', '')}."]
     if "p2p" in m and "registry" in m:
         reg, p2p_m = m["registry"], m["p2p"]
         out += ["", f"P2P finishes {reg['seconds'] / p2p_m['seconds']:.1f}x sooner and takes "

@@ -510,7 +510,7 @@ def render(build: dict[str, Any] | None, lookup: dict[str, Any] | None,
     lines += convert_section(convert, 5)
     lines += coldstart_section(coldstart, 6)
     lines += supernode_section(supernode, 7)
-    lines += fanout_section(fanout, 8)
+    lines += fanout_section(fanout, 8, [r for r in [load_result("fanout-50mbit")] if r])
     lines += upload_section(upload, 9)
     return "\n".join(lines).rstrip() + "\n"
 

@@ -79,7 +79,7 @@ class UploadConfig:
 @dataclass(frozen=True, slots=True)
 class FetchConfig:
     lookup_timeout: float = 2.0  # seconds for a supernode lookup; then go to the source
-    peer_timeout: float = 10.0  # seconds a request to one peer may go without a chunk arriving
+    peer_timeout: float = 10.0  # seconds a request to one peer may go without progress (bytes)
     hedge_after: float = 2.0  # seconds before a slow peer's chunks are also asked elsewhere
     k: int = 4  # peers asked for per chunk (ranked by the supernode)
     batch: int = 16  # chunks per request to one peer

@@ -61,9 +61,11 @@ agent has had no supernode since it started. In the end game (nothing left to lo
 ask) a peer request that brought no chunk for ``fetch.hedge_after`` is hedged: its missing
 chunks are looked up and asked of another candidate too, and the slower copy is cancelled
 once the other landed. A request to a peer times out after ``fetch.peer_timeout`` without a
-chunk arriving, not after that long in all: a busy peer's shared uplink is slow, not dead. A
-registration lost on the way (a loaded supernode missed a heartbeat) is waited out, not taken
-as a reason to send an image to the source.
+chunk, or ``PROGRESS_PIECE`` bytes of one, arriving, not after that long in all: a busy
+peer's shared uplink is slow, not dead. Source leases this node holds are renewed while their
+source reads run (``_renew_leases``), however long they take. A registration lost on the
+way (a loaded supernode missed a heartbeat) is waited out, not taken as a reason to send an
+image to the source.
 
 Nothing here raises for a chunk that cannot be had: each gets an :class:`Outcome` with a
 :class:`~dfagent.errors.FetchError`. The supernode is reached through a :class:`Tracker`
@@ -921,7 +923,7 @@ class Fetcher:
     async def _from_source(self, todo: dict[str, ChunkWant], out: dict[str, Outcome],
                            t0: float, *, leased: bool = False) -> None:
         """``todo`` from its source locations; ``leased``: this node holds the supernode's
-        source leases on them, renewed while the fetch moves (:meth:`_renew_leases`)."""
+        source leases on them, renewed while their reads run (:meth:`_renew_leases`)."""
         by_source: dict[SourceLocation, list[ChunkWant]] = {}
         for d, w in todo.items():
             if w.source is None or not w.blob:
@@ -974,10 +976,11 @@ class Fetcher:
         source backend's own timeouts; its leases then lapse within ``leases.ttl``, and
         another node takes them over.
 
-        Why: a lease used to last ``leases.ttl`` however long the fetch took. When the
-        source link was shared by many (8 nodes at 50 Mbit/s), a node's 4 MiB of leases
-        took longer than that, the leases were granted again to other nodes, and the
-        registry served 1.3x the image: every node fetched what another was fetching."""
+        Why: a lease used to last ``leases.ttl`` however long the fetch took. With the
+        source link shared by many (8 nodes at 50 Mbit/s), the trace showed 1 MiB source
+        pieces taking 4-9 s, so a node's 4 MiB of leases could outlive ``leases.ttl``; the
+        supernode then leased those chunks to the next node that asked, and they crossed
+        the source link twice."""
         tracker = self.tracker
         assert tracker is not None
         for _ in range(MAX_RENEWALS):
