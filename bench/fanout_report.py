@@ -107,15 +107,25 @@ def fanout_section(r: dict[str, Any] | None, number: int,
                     f"{x['seconds']:.1f} s = {x['time_ratio']:.2f}x the bound, registry served "
                     f"{x['served_ratio']:.2f} x S, {x['cpu_s']:.0f} CPU-s. Half the link rate "
                     "does not halve the CPU per second: with dozens of flows per link, each "
-                    "flow's TCP sends small segments (about 5.5 kB per packet on a node's "
-                    "link at 100mbit), so the packets per second, and the wake-ups of the "
-                    "agents, stay about the same. Measured "
+                    "flow's TCP sends small segments (a node's link at 100mbit carried about "
+                    "2,000 packets a second of ~5.5 kB when this was looked into, "
+                    "2026-11-28), so the packets per second, and the wake-ups of the agents, "
+                    "stay about the same. Measured "
                     f"{other['machine']['date']}, {other['machine'].get('revision', '')}."]
     if "p2p" in m and "registry" in m:
         reg, p2p_m = m["registry"], m["p2p"]
         out += ["", f"P2P finishes {reg['seconds'] / p2p_m['seconds']:.1f}x sooner and takes "
                     f"{reg['served_ratio'] / p2p_m['served_ratio']:.1f}x less from the registry "
                     "than the same nodes pulling straight from it."]
+    if "p2p" in m:
+        out += ["", "Noise: this shared 2-core machine runs slower or faster from hour to hour. "
+                    "On 2026-11-28 the same P2P sample cost 41 to 53 CPU-s, single runs of one "
+                    "revision took 22.7 to 28.8 s, and within two hours the 3-run medians were "
+                    "1.52x (11c8c33), 1.53x (44046c6) and 1.60x (3a4f68a), although runs "
+                    "interleaved with each other put 3a4f68a about 0.7 s ahead of 44046c6. "
+                    "Judge a change by P2P runs interleaved with the code before it "
+                    "(`--methods p2p --runs 1`, alternating), not by two benchmarks taken at "
+                    "different times."]
     for d in r.get("discarded") or []:
         out += ["", f"A {_LABELS.get(d['method'], d['method'])} sample of round {d['round']} "
                     f"failed and was taken again (not counted): {d['error'][:200]}"]
