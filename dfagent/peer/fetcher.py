@@ -371,7 +371,6 @@ class Fetcher:
             jobs = []
             mine = {d: rest[d] for d in found.leases if d in rest and d not in cands}
             if mine:
-                self.metrics.source_fetches.labels("leased").inc(len(mine))
                 jobs.append(self._from_source(mine, out, t0, leased=True))
             retry: set[str] = set()
             if cands:
@@ -532,7 +531,6 @@ class Fetcher:
                         mine = {d: todo[d] for d in found.leases if d in waiting}
                         if mine:
                             waiting.difference_update(mine)
-                            self.metrics.source_fetches.labels("leased").inc(len(mine))
                             task = asyncio.create_task(self._from_source(mine, out, t0,
                                                                           leased=True))
                             jobs[task] = (list(mine), 0, "")
@@ -652,7 +650,6 @@ class Fetcher:
                 elsewhere.add(d)
         mine = {d: todo[d] for d in found.leases if d in waiting}
         waiting.difference_update(mine)
-        self.metrics.source_fetches.labels("leased").inc(len(mine))
         return mine
 
     def _bulk_hedge(self, jobs: Mapping[asyncio.Task[None], tuple[list[str], int, str]],
@@ -970,7 +967,8 @@ class Fetcher:
     async def _from_source(self, todo: dict[str, ChunkWant], out: dict[str, Outcome],
                            t0: float, *, leased: bool = False) -> None:
         """``todo`` from its source locations; ``leased``: this node holds the supernode's
-        source leases on them, renewed while their reads run (:meth:`_renew_leases`)."""
+        source leases on them (counted as ``leased`` source fetches), renewed while their
+        reads run (:meth:`_renew_leases`)."""
         by_source: dict[SourceLocation, list[ChunkWant]] = {}
         for d, w in todo.items():
             if w.source is None or not w.blob:
@@ -999,11 +997,13 @@ class Fetcher:
             if piece:
                 jobs.append(self._source_batch(loc, piece, out, t0, lanes))
         self._sourcing += 1
-        if leased and self.tracker is not None:
-            for d, w in todo.items():
-                self._leased_now[d] = w.size
-            if self._renewer is None or self._renewer.done():
-                self._renewer = asyncio.create_task(self._renew_leases())
+        if leased:
+            self.metrics.source_fetches.labels("leased").inc(len(todo))
+            if self.tracker is not None:
+                for d, w in todo.items():
+                    self._leased_now[d] = w.size
+                if self._renewer is None or self._renewer.done():
+                    self._renewer = asyncio.create_task(self._renew_leases())
         try:
             await asyncio.gather(*jobs)
         finally:
@@ -1043,7 +1043,6 @@ class Fetcher:
                 part = digests[i:i + BULK_LOOKUP]
                 await tracker.lookup(part, {d: self._leased_now.get(d, 0) for d in part},
                                      expect=False)
-        self._renewer = None
 
     async def _source_batch(self, loc: SourceLocation, ws: list[ChunkWant],
                             out: dict[str, Outcome], t0: float,

@@ -267,6 +267,11 @@ class ChunkStore:
             _, old = self._recent.popitem(last=False)
             self._recent_bytes -= len(old)
 
+    def _unremember(self, digest: str) -> None:
+        data = self._recent.pop(digest, None)
+        if data is not None:
+            self._recent_bytes -= len(data)
+
     def _write(self, path: Path, data: bytes) -> None:
         # chunks/<xx>/ exists: open() made all 256. The agent is the only writer of tmp/
         # (one per data_dir), so pid + counter is unique.
@@ -296,9 +301,7 @@ class ChunkStore:
                 continue
             del self._index[digest]
             self._total -= size
-            data = self._recent.pop(digest, None)
-            if data is not None:
-                self._recent_bytes -= len(data)
+            self._unremember(digest)
             victims.append(digest)
         self.counters.evictions += len(victims)
         return victims
@@ -312,9 +315,7 @@ class ChunkStore:
         size = self._index.pop(digest, None)
         if size is not None:
             self._total -= size
-        data = self._recent.pop(digest, None)
-        if data is not None:
-            self._recent_bytes -= len(data)
+        self._unremember(digest)
 
     async def drop(self, digest: str, *, corrupt: bool = False) -> None:
         """Remove a chunk (a bad file, or one found missing); the caller withdraws it."""

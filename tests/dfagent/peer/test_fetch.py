@@ -262,55 +262,35 @@ def test_bulk_fetches_share_an_image_through_leases(tmp_path: Path) -> None:
     run(go())
 
 
-def test_a_slow_but_moving_peer_is_not_timed_out(tmp_path: Path) -> None:
-    """``fetch.peer_timeout`` is on progress: a request that keeps bringing chunks, slowly,
-    runs past it and is not reported (it was, and its peer was paused for 30 s)."""
+@pytest.mark.parametrize(("rate", "sizes", "peer_timeout"), [
+    # 16 KiB/s after a burst of two seconds' worth: a chunk about every 1.25 s, all four in
+    # about 3 s, in one request (progress per chunk).
+    (16 << 10, [20_000] * 4, 2.0),
+    # One 1 MB chunk at 128 KiB/s: about 6 s, and no chunk completes before the timeout
+    # (progress per PROGRESS_PIECE of it).
+    (128 << 10, [1_000_000], 3.0),
+], ids=["small-chunks", "one-big-chunk"])
+def test_a_slow_but_moving_peer_is_not_timed_out(tmp_path: Path, rate: int, sizes: list[int],
+                                                 peer_timeout: float) -> None:
+    """``fetch.peer_timeout`` is on progress, in bytes: a request that keeps bringing chunks,
+    or bytes of one big chunk, slowly, runs past it and is not reported. It was, and its peer
+    was paused for 30 s; at 50 Mbit/s such reports quarantined healthy peers, and everything
+    they held was fetched from the registry again."""
     async def go() -> None:
         sn = await start_supernode(SupernodeConfig(listen=HostPort("127.0.0.1", 0)))
-        # 16 KiB/s after a burst of two seconds' worth: a chunk about every 1.25 s, all four
-        # in about 3 s, in one request.
-        slow = await _peer(tmp_path, "slow", [sn.url], upload=UploadConfig(rate=16 << 10))
+        slow = await _peer(tmp_path, "slow", [sn.url], upload=UploadConfig(rate=rate))
         req = await _peer(tmp_path, "req", [sn.url],
-                          fetch=FetchConfig(lookup_timeout=5.0, peer_timeout=2.0,
+                          fetch=FetchConfig(lookup_timeout=5.0, peer_timeout=peer_timeout,
                                             hedge_after=60.0))
         try:
-            wants = _wants(tmp_path, [chunk(20_000) for _ in range(4)])
+            wants = _wants(tmp_path, [chunk(n) for n in sizes])
             await _seeded(sn, wants, slow)
             for w in wants:  # strip the source: only the slow peer can serve now
                 (tmp_path / "blobs" / w.blob).unlink(missing_ok=True)
             t0 = time.monotonic()
             got = await asyncio.wait_for(req.fetcher.get_many(wants), 30)
-            assert time.monotonic() - t0 > 2.0  # it did run past peer_timeout in all
+            assert time.monotonic() - t0 > peer_timeout  # it ran past peer_timeout in all
             assert all(o.origin == "peer" and o.error is None for o in got)
-            assert sum(req.metrics.bad_peer_reports.labels(r)._value.get()
-                       for r in ("timeout", "error", "corrupt", "refused")) == 0
-        finally:
-            for p in (req, slow):
-                await p.close()
-            await sn.close()
-
-    run(go())
-
-
-def test_a_big_chunk_that_keeps_coming_is_not_timed_out(tmp_path: Path) -> None:
-    """Progress is counted in bytes, not only in whole chunks: one 1 MB chunk from a peer
-    at 128 KiB/s takes longer than ``fetch.peer_timeout`` but arrives, and the peer is not
-    reported (at 50 Mbit/s such reports quarantined healthy peers, and everything they
-    held was fetched from the registry again)."""
-    async def go() -> None:
-        sn = await start_supernode(SupernodeConfig(listen=HostPort("127.0.0.1", 0)))
-        slow = await _peer(tmp_path, "slow", [sn.url], upload=UploadConfig(rate=128 << 10))
-        req = await _peer(tmp_path, "req", [sn.url],
-                          fetch=FetchConfig(lookup_timeout=5.0, peer_timeout=3.0,
-                                            hedge_after=60.0))
-        try:
-            wants = _wants(tmp_path, [chunk(1_000_000)])
-            await _seeded(sn, wants, slow)
-            (tmp_path / "blobs" / wants[0].blob).unlink()  # only the slow peer can serve
-            t0 = time.monotonic()
-            (o,) = await asyncio.wait_for(req.fetcher.get_many(wants), 30)
-            assert time.monotonic() - t0 > 3.0  # longer than peer_timeout in all
-            assert o.origin == "peer" and o.error is None
             assert sum(req.metrics.bad_peer_reports.labels(r)._value.get()
                        for r in ("timeout", "error", "corrupt", "refused")) == 0
         finally:
