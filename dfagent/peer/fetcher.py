@@ -77,7 +77,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -109,7 +108,6 @@ LEASE_WAITS = 3  # a fetch waits on others at most this many ``fetch.lease_wait`
 PEER_BATCH_BYTES = 2 << 20  # source bytes of the chunks asked of one peer in one request
 INLINE_VERIFY = 256 * 1024  # chunks up to this size are verified on the event loop
 PROGRESS_PIECE = 64 * 1024  # bytes of a chunk from a peer read (and counted as progress) at once
-LOWAT_MIN = 16 * 1024  # a piece with fewer bytes to come is read as they come (``_Frames``)
 BULK_WINDOW = 32 << 20  # source bytes a node asks of peers at once in bulk fetches
 BULK_LOOKUP = 256  # digests per bulk lookup (a busy supernode answers small ones in time)
 SOURCE_PIECE = 1 << 20  # source bytes per read of a source fetch (one GET for neighbours)
@@ -167,40 +165,19 @@ class Tracker(Protocol):
 
 
 class _Frames:
-    """Reads the frames of a batch response from a peer.
+    """Reads the frames of a batch response from a peer: a big frame body in
+    ``PROGRESS_PIECE`` pieces, each of which counts as progress (``body``).
 
-    A big frame body is read in ``PROGRESS_PIECE`` pieces, and each piece counts as progress
-    (``body``). While a piece is on its way, the connection's socket has ``SO_RCVLOWAT`` set
-    to what is left of it: the kernel then wakes the agent once per 64 KiB rather than for
-    every packet. On the lab's shaped links a node receives about
-    2,000 packets a second of ~5.5 kB each (TCP sizes segments to about a millisecond of each
-    flow's rate), and every wake-up costs the agent an event-loop callback and a task step.
-    The low-water mark never exceeds the bytes of the piece not yet received, so it cannot
-    hold back data that will not come; it is back at 1 after every body and on every error."""
+    (Reading with the socket's ``SO_RCVLOWAT`` set to what of a piece had not arrived, one
+    wake-up per piece instead of one per packet, saved about 5% of a fan-out's CPU, but a
+    request in the bad-peer end-to-end test then stalled for ``fetch.peer_timeout`` about
+    every other run; it was taken out.)"""
 
     def __init__(self, resp: aiohttp.ClientResponse) -> None:
         self.content = resp.content
-        self.consumed = 0  # body bytes read from ``content``
-        conn = resp.connection
-        transport = conn.transport if conn is not None else None
-        self.sock: socket.socket | None = \
-            transport.get_extra_info("socket") if transport is not None else None
-        self.lowat = 1
 
     async def read(self, n: int) -> bytes:
-        data = await self.content.readexactly(n)
-        self.consumed += n
-        return data
-
-    def _lowat(self, value: int) -> None:
-        if self.sock is None or value == self.lowat:
-            return
-        try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, value)
-        except (OSError, AttributeError):  # not a TCP socket here: read as it comes
-            self.sock = None
-            return
-        self.lowat = value
+        return await self.content.readexactly(n)
 
     async def body(self, length: int, progress: asyncio.Timeout, limit: float) -> bytes:
         """``length`` bytes, pushing ``progress`` (a timeout on progress) ``limit`` seconds on
@@ -212,20 +189,11 @@ class _Frames:
         loop = asyncio.get_running_loop()
         parts = []
         left = length
-        try:
-            while left > 0:
-                n = min(left, PROGRESS_PIECE)
-                # Of this piece, what is not in the response's buffer yet (``total_bytes``
-                # counts the body bytes fed to it): the kernel holds the wake-up until that
-                # much is in, and one wake-up reads it all, so the mark never outlasts the
-                # piece (a mark set once for a bigger piece stalled on its last bytes).
-                pending = n - (self.content.total_bytes - self.consumed)
-                self._lowat(pending if pending >= LOWAT_MIN else 1)
-                parts.append(await self.read(n))
-                left -= n
-                progress.reschedule(loop.time() + limit)
-        finally:
-            self._lowat(1)
+        while left > 0:
+            n = min(left, PROGRESS_PIECE)
+            parts.append(await self.read(n))
+            left -= n
+            progress.reschedule(loop.time() + limit)
         return b"".join(parts)
 
 
