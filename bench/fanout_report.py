@@ -120,9 +120,10 @@ def fanout_section(r: dict[str, Any] | None, number: int,
     if "p2p" in m:
         out += ["", "Noise: this shared 2-core machine runs slower or faster from hour to hour. "
                     "On 2026-11-28 the same P2P sample cost 41 to 53 CPU-s, single runs of one "
-                    "revision took 22.7 to 28.8 s, and within two hours the 3-run medians were "
-                    "1.52x (11c8c33), 1.53x (44046c6) and 1.60x (3a4f68a), although runs "
-                    "interleaved with each other put 3a4f68a about 0.7 s ahead of 44046c6. "
+                    "revision took 22.7 to 28.8 s, and within three hours the 3-run medians "
+                    "were 1.52x (11c8c33), 1.53x (44046c6), 1.60x (3a4f68a) and 1.51x "
+                    "(44538e8), although runs interleaved with each other put 3a4f68a about "
+                    "0.7 s ahead of 44046c6. "
                     "Judge a change by P2P runs interleaved with the code before it "
                     "(`--methods p2p --runs 1`, alternating), not by two benchmarks taken at "
                     "different times."]
