@@ -58,7 +58,8 @@ which is what reaching the fan-out lower bound needs (DESIGN §6). A chunk peers
 ``fetch.k`` times, and whatever is still waiting when nothing arrived on the node for
 ``LEASE_WAITS`` times ``fetch.lease_wait``, goes to the source; so does everything when the
 agent has had no supernode since it started. In the end game (nothing left to look up or
-ask) a peer request that brought no chunk for ``fetch.hedge_after`` is hedged: its missing
+ask) a peer request that brought no chunk, nor a ``PROGRESS_PIECE`` of one, for
+``fetch.hedge_after`` is hedged: its missing
 chunks are looked up and asked of another candidate too, and the slower copy is cancelled
 once the other landed. A request to a peer times out after ``fetch.peer_timeout`` without a
 chunk, or ``PROGRESS_PIECE`` bytes of one, arriving, not after that long in all: a busy
@@ -166,15 +167,17 @@ class Tracker(Protocol):
 
 class _Frames:
     """Reads the frames of a batch response from a peer: a big frame body in
-    ``PROGRESS_PIECE`` pieces, each of which counts as progress (``body``).
+    ``PROGRESS_PIECE`` pieces, each of which counts as progress (``body``): for the request's
+    timeout, and for the end game's hedge (``mark``).
 
     (Reading with the socket's ``SO_RCVLOWAT`` set to what of a piece had not arrived, one
     wake-up per piece instead of one per packet, saved about 5% of a fan-out's CPU, but a
     request in the bad-peer end-to-end test then stalled for ``fetch.peer_timeout`` about
     every other run; it was taken out.)"""
 
-    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+    def __init__(self, resp: aiohttp.ClientResponse, mark: list[float] | None = None) -> None:
         self.content = resp.content
+        self.mark = mark  # the request's progress mark (``_peer_batch``), set per piece
 
     async def read(self, n: int) -> bytes:
         return await self.content.readexactly(n)
@@ -194,6 +197,8 @@ class _Frames:
             parts.append(await self.read(n))
             left -= n
             progress.reschedule(loop.time() + limit)
+            if self.mark is not None:
+                self.mark[0] = time.monotonic()
         return b"".join(parts)
 
 
@@ -648,8 +653,11 @@ class Fetcher:
             if task in hedged:
                 continue
             ds, _, peer_id = jobs[task]
-            # Stalled: nothing arrived on it for ``limit`` (not merely slow: hedging requests
-            # that were moving sent a tenth of the bytes twice).
+            # Stalled: nothing arrived on it for ``limit``, not a chunk nor a PROGRESS_PIECE
+            # of one (not merely slow: hedging requests that were moving sent a tenth of the
+            # bytes twice). Counting whole chunks only, a 1 MiB chunk from a peer whose
+            # uplink thirty requests share looked stalled after two seconds: each node of the
+            # fan-out received ~10 MB of its 201 MB image twice; with pieces, ~1 MB.
             at = mark[0]
             if now - at < limit:
                 first = at + limit if first is None else min(first, at + limit)
@@ -858,7 +866,7 @@ class Fetcher:
                     if resp.status != 200:
                         log.info("peer %s answered HTTP %d", peer.id, resp.status)
                         return
-                    frames = _Frames(resp)
+                    frames = _Frames(resp, mark)
                     for _ in digests:
                         try:
                             head = await frames.read(chunkfile.FRAME_HEADER_SIZE)

@@ -42,12 +42,19 @@ async def _peer(tmp: Path, name: str, supernodes: list[str], **kw: object) -> Ru
 
 
 async def _seeded(sn: RunningSupernode, wants: list[ChunkWant], *peers: RunningPeer) -> None:
-    """Each of ``peers`` fetches ``wants`` from the source; returns once the supernode lists
-    all of them as holders of every chunk (bounded)."""
-    for p in peers:
-        for o in await p.fetcher.get_many(wants):
-            assert o.origin == "source"
+    """Each of ``peers`` fetches ``wants`` from the source (not from one another: the fetch
+    runs without the supernode, and the chunks are announced after); returns once the
+    supernode lists all of them as holders of every chunk (bounded)."""
     digests = [w.digest for w in wants]
+    for p in peers:
+        tracker, p.fetcher.tracker = p.fetcher.tracker, None
+        try:
+            for o in await p.fetcher.get_many(wants):
+                assert o.origin == "source"
+        finally:
+            p.fetcher.tracker = tracker
+        assert tracker is not None
+        tracker.announce(digests)
     for _ in range(1000):  # bounded: 20 s
         view = await sn.scheduler.lookup(digests, k=len(peers))
         if all(len(view.chunks.get(d, [])) == len(peers) for d in digests):
@@ -338,6 +345,41 @@ def test_a_source_fetch_longer_than_its_lease_keeps_it(tmp_path: Path) -> None:
             assert o.origin == "source" and o.error is None
         finally:
             for p in (b, a):
+                await p.close()
+            await sn.close()
+
+    run(go())
+
+
+def test_bulk_end_game_does_not_hedge_a_big_chunk_that_is_moving(tmp_path: Path) -> None:
+    """The last chunk of a bulk fetch is one big chunk coming slowly but steadily from its
+    peer (a ``PROGRESS_PIECE`` every quarter second, no whole chunk for seconds): it is not
+    hedged, so no other holder is asked and no byte crosses a link twice. It was: progress
+    counted whole chunks only, and in the fan-out every node received ~5% of the image
+    twice."""
+    async def go() -> None:
+        sn = await start_supernode(SupernodeConfig(listen=HostPort("127.0.0.1", 0)))
+        # Same zone as the requester: the supernode ranks the slow peer first, every time.
+        slow = await _peer(tmp_path, "slow", [sn.url], upload=UploadConfig(rate=256 << 10),
+                           zone="z1")
+        other = await _peer(tmp_path, "other", [sn.url], zone="z2")
+        req = await _peer(tmp_path, "req", [sn.url], zone="z1",
+                          fetch=FetchConfig(lookup_timeout=5.0, hedge_after=1.5,
+                                            peer_timeout=60.0))
+        try:
+            # 1.2 MB at 256 KiB/s after a second's burst: ~3.5 s, longer than hedge_after
+            wants = _wants(tmp_path, [chunk(1_200_000)])
+            await _seeded(sn, wants, other, slow)  # slow gets it from other, fast
+            (tmp_path / "blobs" / wants[0].blob).unlink()  # only peers can serve now
+            uploaded = other.metrics.uploads._value.get()
+            t0 = time.monotonic()
+            (o,) = await asyncio.wait_for(req.fetcher.get_many(wants, bulk=True), 30)
+            assert o.origin == "peer" and o.error is None
+            assert time.monotonic() - t0 > 1.5  # it did run past hedge_after
+            assert other.metrics.uploads._value.get() == uploaded  # never asked
+            assert req.metrics.duplicate_bytes._value.get() == 0
+        finally:
+            for p in (req, other, slow):
                 await p.close()
             await sn.close()
 
