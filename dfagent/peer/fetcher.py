@@ -112,6 +112,7 @@ PROGRESS_PIECE = 64 * 1024  # bytes of a chunk from a peer read (and counted as 
 BULK_WINDOW = 32 << 20  # source bytes a node asks of peers at once in bulk fetches
 BULK_LOOKUP = 256  # digests per bulk lookup (a busy supernode answers small ones in time)
 SOURCE_PIECE = 1 << 20  # source bytes per read of a source fetch (one GET for neighbours)
+SOURCE_PIECE_CHUNKS = 1024  # and at most this many chunks per read (tiny chunks: module doc)
 SOURCE_LANES = 2  # reads of one source fetch running at once
 AHEAD_JOBS = 2  # source fetches a node keeps running by leasing ahead (one starts as one ends)
 MAX_BULK_STEPS = 100_000  # bound on the steps of one bulk fetch (time bounds it first)
@@ -958,8 +959,12 @@ class Fetcher:
         # peers) after one piece, not when the whole fetch is in. One GET for a 4 MiB lease
         # took 5 s while sixteen shared the registry at the start of a fan-out, and every
         # other node waited for it.
+        # A piece is bounded by bytes, not by a handful of chunks: the fan-out's image has
+        # regions of thousands of files under a kilobyte, and pieces of 64 of those (64 KB
+        # GETs, each taking a second or two on loaded links) left the registry link idle for
+        # seconds while every node waited on its few source reads.
         lanes = asyncio.Semaphore(SOURCE_LANES)
-        step = max(self.config.batch, 1) * 4
+        step = SOURCE_PIECE_CHUNKS
         for loc, ws in by_source.items():
             ws.sort(key=lambda w: (w.blob, w.offset))
             piece: list[ChunkWant] = []

@@ -14,7 +14,7 @@ Example (every key optional)::
     peer_ttl: 30s
     quarantine: {reports: 3, window: 5m, duration: 10m}
     k: 4
-    leases: {ttl: 10s, per_peer: 256, bytes: 4MiB}
+    leases: {ttl: 10s, per_peer: 4096, bytes: 4MiB}
     token_file: /etc/dfagent/token          # or token: "..."
     tls: {cert: /etc/dfagent/tls.crt, key: /etc/dfagent/tls.key}
 
@@ -79,7 +79,10 @@ class LeaseConfig:
     """Source leases (docs/dfagent.md, "Source leases"): who fetches a chunk nobody holds."""
 
     ttl: float = 10.0  # seconds a lease lasts unless its holder announces the chunk first
-    per_peer: int = 256  # live leases one peer may hold at once
+    # Live leases one peer may hold at once: a bound on state, not what spreads the fetching
+    # (``bytes`` does). It was 256: in regions of tiny chunks (a few MB in thousands of files)
+    # that kept each node's source reads to a few hundred KB and the source link idle.
+    per_peer: int = 4096
     bytes: int = 4 << 20  # source bytes one peer may hold leases for (0: no byte limit)
 
 

@@ -351,6 +351,42 @@ def test_a_source_fetch_longer_than_its_lease_keeps_it(tmp_path: Path) -> None:
     run(go())
 
 
+def test_tiny_chunks_come_from_the_source_in_few_big_reads(tmp_path: Path) -> None:
+    """A node leasing 600 chunks of 300 bytes (180 KB, within ``leases.bytes``) gets all the
+    leases and reads them from the source in a few pieces (ranged reads of the blob, one per
+    bulk lookup of up to 256 digests), not ten: in regions of tiny files the registry link
+    went idle for seconds while each node read 64-chunk pieces a few at a time."""
+    async def go() -> None:
+        sn = await start_supernode(SupernodeConfig(listen=HostPort("127.0.0.1", 0)))
+        a = await _peer(tmp_path, "a", [sn.url], fetch=FetchConfig(lookup_timeout=5.0))
+        try:
+            assert a.swarm is not None
+            for _ in range(250):
+                if a.swarm.connected:
+                    break
+                await asyncio.sleep(0.02)
+            wants = _wants(tmp_path, [chunk(300) for _ in range(600)])
+            assert wants[0].source is not None
+            backend = a.sources.backend(wants[0].source)
+            read_many = backend.read_many
+            reads: list[int] = []
+
+            async def counted(reqs: Any) -> list[bytes]:
+                reads.append(len(reqs))
+                return await read_many(reqs)
+
+            backend.read_many = counted  # type: ignore[method-assign,assignment]
+            got = await asyncio.wait_for(a.fetcher.get_many(wants, bulk=True), 30)
+            assert all(o.origin == "source" and o.error is None for o in got)
+            assert sum(reads) == 600 and len(reads) <= 3, reads
+            assert a.metrics.source_fetches.labels("leased")._value.get() == 600
+        finally:
+            await a.close()
+            await sn.close()
+
+    run(go())
+
+
 def test_bulk_end_game_does_not_hedge_a_big_chunk_that_is_moving(tmp_path: Path) -> None:
     """The last chunk of a bulk fetch is one big chunk coming slowly but steadily from its
     peer (a ``PROGRESS_PIECE`` every quarter second, no whole chunk for seconds): it is not

@@ -185,6 +185,23 @@ def test_lookup_uses_requester_zone_and_k(store_factory: StoreFactory) -> None:
     check(store_factory, body)
 
 
+def test_default_leases_cover_a_region_of_tiny_chunks(store_factory: StoreFactory) -> None:
+    """With the default lease limits a peer asking for 1,000 chunks of 500 bytes (500 KB, far
+    under ``leases.bytes``) gets them all: the count limit is a bound on state, not what
+    spreads source fetches. At 256 it kept each node's source reads to a few hundred KB in
+    the tiny-file regions of an image, and the registry link idle."""
+    ds = digests(1000)
+
+    async def body(s: Scheduler, clock: FakeClock) -> None:
+        s.config = SupernodeConfig(peer_ttl=60.0)  # default leases
+        await s.register(peer("a"))
+        got = await s.lookup(ds, requester="a", lease=True, sizes=dict.fromkeys(ds, 500),
+                             expect=False)
+        assert sorted(got.leases) == sorted(ds)
+
+    check(store_factory, body)
+
+
 def test_a_look_ahead_for_leases_records_no_expectation(store_factory: StoreFactory) -> None:
     """``expect=False`` (the agent's look-ahead) takes leases but does not make the supernode
     name the requester for chunks it was pointed at peers for: it is not fetching those."""
