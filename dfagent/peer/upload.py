@@ -193,10 +193,13 @@ async def _get_chunk(request: web.Request) -> web.StreamResponse:
                                      status=404)
         resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
         resp.content_length = len(data)
-        await resp.prepare(request)
-        await _send(resp, data, slot.limits.pacer, slot.metrics)
-        slot.metrics.uploads.inc()
-        await resp.write_eof()
+        try:
+            await resp.prepare(request)
+            await _send(resp, data, slot.limits.pacer, slot.metrics)
+            slot.metrics.uploads.inc()
+            await resp.write_eof()
+        except ConnectionError:  # the requester went away (as in _get_batch): not our fault
+            log.debug("chunk %s for %s: the requester went away", digest[:12], request.remote)
         return resp
     finally:
         slot.release()

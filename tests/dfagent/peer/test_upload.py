@@ -7,9 +7,11 @@ requests are real HTTP over TCP.
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import aiohttp
+import pytest
 import yarl
 
 from dfagent.peer.agent import RunningPeer, start_peer
@@ -59,6 +61,40 @@ def test_saturated_server_answers_429_at_once(tmp_path: Path) -> None:
             await peer.close()
 
     run(go())
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["get", "batch"])
+def test_a_requester_that_goes_away_mid_upload_is_not_an_error(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, batch: bool) -> None:
+    """A requester that hangs up while its chunk is being sent (the cancelled loser of a
+    hedge, a peer that stopped) frees the upload slot and is logged at debug level, not as
+    an ERROR with a traceback: it is how the fetch path works, not a fault of this node."""
+    async def go() -> None:
+        peer = await _peer(tmp_path, upload=UploadConfig(rate=64 << 10))
+        c = chunk(1 << 20)  # ~16 s at 64 KiB/s: still being sent when the requester leaves
+        await peer.store.put(c.digest, c.file)
+        limits = peer.runners[0].app[LIMITS]
+        try:
+            async with aiohttp.ClientSession(headers=AUTH) as http:
+                if batch:
+                    resp = await http.post(f"{peer.url}/chunks", json={"digests": [c.digest]})
+                else:
+                    resp = await http.get(f"{peer.url}/chunks/{c.digest}")
+                assert resp.status == 200
+                await resp.content.readexactly(64 << 10)
+                resp.close()  # hang up mid-body
+            for _ in range(500):  # bounded: 10 s for the server to notice
+                if limits.active == 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert limits.active == 0
+        finally:
+            await peer.close()
+
+    with caplog.at_level(logging.DEBUG):
+        run(go())
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("went away" in r.getMessage() for r in caplog.records)
 
 
 def test_token_and_only_digest_named_chunks(tmp_path: Path) -> None:
