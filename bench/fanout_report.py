@@ -14,6 +14,8 @@ __all__ = ["REPRODUCE", "fanout_section", "upload_section"]
 
 REPRODUCE = [
     "make bench-fanout             # N nodes in netns, shaped links: registry vs P2P (root)",
+    ".venv/bin/python bench/fanout_ab.py --rounds 4 before=HEAD~1 after=. \\",
+    "                              # a change judged by interleaved P2P runs (root)",
     "make bench-upload             # dfagent peer upload server vs a static file server",
 ]
 
@@ -125,8 +127,8 @@ def fanout_section(r: dict[str, Any] | None, number: int,
                     "(44538e8), although runs interleaved with each other put 3a4f68a about "
                     "0.7 s ahead of 44046c6. "
                     "Judge a change by P2P runs interleaved with the code before it "
-                    "(`--methods p2p --runs 1`, alternating), not by two benchmarks taken at "
-                    "different times."]
+                    "(`bench/fanout_ab.py before=REV after=.`: single runs, alternating), not "
+                    "by two benchmarks taken at different times."]
     for d in r.get("discarded") or []:
         out += ["", f"A {_LABELS.get(d['method'], d['method'])} sample of round {d['round']} "
                     f"failed and was taken again (not counted): {d['error'][:200]}"]
