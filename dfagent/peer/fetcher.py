@@ -231,6 +231,9 @@ class Fetcher:
         self._bad_until: dict[str, float] = {}
         self._busy_until: dict[str, float] = {}  # peers that answered 429 a moment ago
         self._asking: dict[str, int] = {}  # chunks this node is asking each peer for now
+        # Chunks on their way here: asked of a peer, or read from the source, right now (a
+        # count per digest: hedged chunks are asked twice). See :meth:`fetching`.
+        self._coming: dict[str, int] = {}
         self._progress = asyncio.Event()  # replaced (after set) when a source batch ends
         self._source_slots = asyncio.Semaphore(config.concurrency)
         self._sourcing = 0  # source fetches (_from_source calls) running on this node
@@ -743,8 +746,28 @@ class Fetcher:
             await asyncio.wait([asyncio.shield(f) for f in futs], timeout=timeout)
 
     def fetching(self, digest: str) -> bool:
+        """Whether ``digest`` is on its way here now: asked of a peer or read from the source,
+        not merely wanted. The upload server waits up to ``INFLIGHT_WAIT`` for such a chunk.
+
+        Why not "wanted": every chunk of a running bulk fetch is wanted from its start, most
+        of them not yet asked of anyone. When every node started the image's last prefetch
+        batch at once, each was pointed at the others (expected to hold those chunks), each
+        waited 1.5 s at a peer that had not asked for the chunk either, and the links stood
+        idle for seconds before the fan-out ended."""
+        if self._coming.get(digest, 0) <= 0:
+            return False
         fut = self._inflight.get(digest)
-        return fut is not None and not fut.done()
+        return fut is None or not fut.done()  # arrived: no longer on its way
+
+    def _on_way(self, digests: Iterable[str], n: int) -> None:
+        """Count ``digests`` as on their way here (``n`` 1) or no longer (``n`` -1)."""
+        coming = self._coming
+        for d in digests:
+            left = coming.get(d, 0) + n
+            if left > 0:
+                coming[d] = left
+            else:
+                coming.pop(d, None)
 
     # -- peers ----------------------------------------------------------------------------
 
@@ -850,6 +873,7 @@ class Fetcher:
         current: str | None = None
         seen: set[str] = set()
         self._asking[peer.id] = self._asking.get(peer.id, 0) + len(digests)
+        self._on_way(digests, 1)
         limit = self.config.peer_timeout
         try:
             # The timeout is on progress: it starts again with every chunk received, and
@@ -916,6 +940,7 @@ class Fetcher:
             log.info("peer %s failed: %s", peer.id, exc)
             self._mark_bad(peer, "error", None if got_any else current)
         finally:
+            self._on_way(digests, -1)
             n = self._asking.get(peer.id, 0) - len(digests)
             if n > 0:
                 self._asking[peer.id] = n
@@ -978,6 +1003,7 @@ class Fetcher:
             if piece:
                 jobs.append(self._source_batch(loc, piece, out, t0, lanes))
         self._sourcing += 1
+        self._on_way(todo, 1)
         if leased:
             self.metrics.source_fetches.labels("leased").inc(len(todo))
             if self.tracker is not None:
@@ -988,6 +1014,7 @@ class Fetcher:
         try:
             await asyncio.gather(*jobs)
         finally:
+            self._on_way(todo, -1)
             if leased:
                 for d in todo:
                     self._leased_now.pop(d, None)

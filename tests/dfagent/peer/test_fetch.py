@@ -387,6 +387,46 @@ def test_tiny_chunks_come_from_the_source_in_few_big_reads(tmp_path: Path) -> No
     run(go())
 
 
+def test_only_chunks_on_their_way_count_as_fetching(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bulk fetch wants all its chunks from the start but asks for a window's worth at a
+    time: only those asked of a peer (or read from the source) count as ``fetching``, which
+    is what the upload server waits for when asked for a chunk it does not hold yet. Counting
+    every wanted chunk made nodes wait 1.5 s at a time on peers that had not asked for a
+    chunk either, and the end of a fan-out stood still for seconds."""
+    monkeypatch.setattr(fetcher, "BULK_WINDOW", 50_000)
+    monkeypatch.setattr(fetcher, "PEER_BATCH_BYTES", 50_000)
+
+    async def go() -> None:
+        sn = await start_supernode(SupernodeConfig(listen=HostPort("127.0.0.1", 0)))
+        slow = await _peer(tmp_path, "slow", [sn.url], upload=UploadConfig(rate=16 << 10))
+        req = await _peer(tmp_path, "req", [sn.url],
+                          fetch=FetchConfig(lookup_timeout=5.0, peer_timeout=60.0))
+        try:
+            # 40 kB at 16 KiB/s after a second's burst: each chunk takes about 2 s
+            wants = _wants(tmp_path, [chunk(40_000) for _ in range(3)])
+            await _seeded(sn, wants, slow)
+            (tmp_path / "blobs" / wants[0].blob).unlink()  # only the slow peer has them
+            first, last = wants[0].digest, wants[-1].digest
+            task = asyncio.create_task(req.fetcher.get_many(wants, bulk=True))
+            for _ in range(500):  # bounded: 10 s until the first request is on its way
+                if req.fetcher.fetching(first):
+                    break
+                await asyncio.sleep(0.02)
+            assert req.fetcher.fetching(first)
+            assert last in req.fetcher._inflight  # wanted ...
+            assert not req.fetcher.fetching(last)  # ... but not asked of anyone yet
+            got = await asyncio.wait_for(task, 60)
+            assert all(o.origin == "peer" and o.error is None for o in got)
+            assert not any(req.fetcher.fetching(w.digest) for w in wants)  # all arrived
+        finally:
+            for p in (req, slow):
+                await p.close()
+            await sn.close()
+
+    run(go())
+
+
 def test_bulk_end_game_does_not_hedge_a_big_chunk_that_is_moving(tmp_path: Path) -> None:
     """The last chunk of a bulk fetch is one big chunk coming slowly but steadily from its
     peer (a ``PROGRESS_PIECE`` every quarter second, no whole chunk for seconds): it is not
