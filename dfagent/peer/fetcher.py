@@ -57,16 +57,15 @@ whoever got it next, to the rest: the source link and every node's links stay bu
 which is what reaching the fan-out lower bound needs (DESIGN §6). A chunk peers failed
 ``fetch.k`` times, and whatever is still waiting when nothing arrived on the node for
 ``LEASE_WAITS`` times ``fetch.lease_wait``, goes to the source; so does everything when the
-agent has had no supernode since it started. In the end game (nothing left to look up or
-ask) a peer request that brought no chunk, nor a ``PROGRESS_PIECE`` of one, for
-``fetch.hedge_after`` is hedged: its missing
-chunks are looked up and asked of another candidate too, and the slower copy is cancelled
-once the other landed. A request to a peer times out after ``fetch.peer_timeout`` without a
-chunk, or ``PROGRESS_PIECE`` bytes of one, arriving, not after that long in all: a busy
-peer's shared uplink is slow, not dead. Source leases this node holds are renewed while their
-source reads run (``_renew_leases``), however long they take. A registration lost on the
-way (a loaded supernode missed a heartbeat) is waited out, not taken as a reason to send an
-image to the source.
+agent has had no supernode since it started. In the end game (nothing left to look up or ask) a
+peer request that brought no chunk, nor a ``PROGRESS_PIECE`` of one, for ``fetch.hedge_after``
+is hedged: its missing chunks are looked up and asked of another candidate too, and the slower
+copy is cancelled once the other landed. A request to a peer times out after
+``fetch.peer_timeout`` without a chunk, or ``PROGRESS_PIECE`` bytes of one, arriving, not after
+that long in all: a busy peer's shared uplink is slow, not dead. Source leases this node holds
+are renewed while their source reads run (``_renew_leases``), however long they take. A
+registration lost on the way (a loaded supernode missed a heartbeat) is waited out, not taken
+as a reason to send an image to the source.
 
 Nothing here raises for a chunk that cannot be had: each gets an :class:`Outcome` with a
 :class:`~dfagent.errors.FetchError`. The supernode is reached through a :class:`Tracker`
