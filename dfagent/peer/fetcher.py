@@ -165,41 +165,30 @@ class Tracker(Protocol):
     def report(self, peer_id: str, reason: str, digest: str | None) -> None: ...
 
 
-class _Frames:
-    """Reads the frames of a batch response from a peer: a big frame body in
-    ``PROGRESS_PIECE`` pieces, each of which counts as progress (``body``): for the request's
-    timeout, and for the end game's hedge (``mark``).
+async def _read_body(content: aiohttp.StreamReader, length: int, progress: asyncio.Timeout,
+                     limit: float, mark: list[float] | None) -> bytes:
+    """``length`` bytes of a frame body, in ``PROGRESS_PIECE`` pieces; after each, ``progress``
+    (a timeout on progress) is pushed ``limit`` seconds on and ``mark`` (the request's progress
+    mark, for the end game's hedge) set to now. A 1 MiB chunk from a peer whose uplink dozens
+    of requests share can take longer than ``fetch.peer_timeout``, and longer than
+    ``fetch.hedge_after``, while its bytes keep coming.
 
     (Reading with the socket's ``SO_RCVLOWAT`` set to what of a piece had not arrived, one
     wake-up per piece instead of one per packet, saved about 5% of a fan-out's CPU, but a
     request in the bad-peer end-to-end test then stalled for ``fetch.peer_timeout`` about
     every other run; it was taken out.)"""
-
-    def __init__(self, resp: aiohttp.ClientResponse, mark: list[float] | None = None) -> None:
-        self.content = resp.content
-        self.mark = mark  # the request's progress mark (``_peer_batch``), set per piece
-
-    async def read(self, n: int) -> bytes:
-        return await self.content.readexactly(n)
-
-    async def body(self, length: int, progress: asyncio.Timeout, limit: float) -> bytes:
-        """``length`` bytes, pushing ``progress`` (a timeout on progress) ``limit`` seconds on
-        after every ``PROGRESS_PIECE``: a 1 MiB chunk from a peer whose uplink is shared by
-        dozens of requests can take longer than ``fetch.peer_timeout`` while its bytes keep
-        coming."""
-        if length <= PROGRESS_PIECE:
-            return await self.read(length)
-        loop = asyncio.get_running_loop()
-        parts = []
-        left = length
-        while left > 0:
-            n = min(left, PROGRESS_PIECE)
-            parts.append(await self.read(n))
-            left -= n
-            progress.reschedule(loop.time() + limit)
-            if self.mark is not None:
-                self.mark[0] = time.monotonic()
-        return b"".join(parts)
+    loop = asyncio.get_running_loop()
+    parts = []
+    left = length
+    while True:
+        n = min(left, PROGRESS_PIECE)
+        parts.append(await content.readexactly(n))
+        left -= n
+        progress.reschedule(loop.time() + limit)
+        if mark is not None:
+            mark[0] = time.monotonic()
+        if left <= 0:
+            return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 class _Busy(Exception):
@@ -876,7 +865,7 @@ class Fetcher:
         limit = self.config.peer_timeout
         try:
             # The timeout is on progress: it starts again with every chunk received, and
-            # every PROGRESS_PIECE of a big one (``_Frames.body``). A busy peer whose uplink is
+            # every PROGRESS_PIECE of a big one (``_read_body``). A busy peer whose uplink is
             # shared by many requests still delivers, only slowly; the end game's hedge deals
             # with it, and reporting it as timed out (and pausing it for BAD_PEER_PAUSE)
             # stranded the chunks only it had — and with links at 50 Mbit/s, three such
@@ -890,10 +879,9 @@ class Fetcher:
                     if resp.status != 200:
                         log.info("peer %s answered HTTP %d", peer.id, resp.status)
                         return
-                    frames = _Frames(resp, mark)
                     for _ in digests:
                         try:
-                            head = await frames.read(chunkfile.FRAME_HEADER_SIZE)
+                            head = await resp.content.readexactly(chunkfile.FRAME_HEADER_SIZE)
                         except asyncio.IncompleteReadError as exc:
                             if not exc.partial:
                                 return  # fewer frames than asked: the rest go elsewhere
@@ -903,10 +891,7 @@ class Fetcher:
                         current = d
                         if d not in wants:
                             raise IntegrityError(f"peer sent chunk {d} that was not asked for")
-                        body = await frames.body(length, progress, limit)
-                        progress.reschedule(asyncio.get_running_loop().time() + limit)
-                        if mark is not None:
-                            mark[0] = time.monotonic()
+                        body = await _read_body(resp.content, length, progress, limit, mark)
                         got_any = True
                         seen.add(d)
                         if status != chunkfile.FRAME_FOUND:
@@ -988,13 +973,12 @@ class Fetcher:
         # GETs, each taking a second or two on loaded links) left the registry link idle for
         # seconds while every node waited on its few source reads.
         lanes = asyncio.Semaphore(SOURCE_LANES)
-        step = SOURCE_PIECE_CHUNKS
         for loc, ws in by_source.items():
             ws.sort(key=lambda w: (w.blob, w.offset))
             piece: list[ChunkWant] = []
             size = 0
             for w in ws:
-                if piece and (len(piece) >= step or size + w.size > SOURCE_PIECE):
+                if piece and (len(piece) >= SOURCE_PIECE_CHUNKS or size + w.size > SOURCE_PIECE):
                     jobs.append(self._source_batch(loc, piece, out, t0, lanes))
                     piece, size = [], 0
                 piece.append(w)

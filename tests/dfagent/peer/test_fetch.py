@@ -8,7 +8,9 @@ accepts connections and never answers, as a stopped process does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -427,6 +429,29 @@ def test_only_chunks_on_their_way_count_as_fetching(
     run(go())
 
 
+@contextlib.asynccontextmanager
+async def _slow_holder_first(tmp: Path, *, size: int, rate: int, hedge_after: float
+                             ) -> AsyncIterator[tuple[RunningPeer, RunningPeer, ChunkWant]]:
+    """One chunk of ``size`` bytes that only peers have (the source blob is gone): a
+    requester, a holder uploading at ``rate`` in its zone (so the supernode ranks it first,
+    every time) and another holder in another zone. Yields (requester, other holder, want)."""
+    sn = await start_supernode(SupernodeConfig(listen=HostPort("127.0.0.1", 0)))
+    slow = await _peer(tmp, "slow", [sn.url], upload=UploadConfig(rate=rate), zone="z1")
+    other = await _peer(tmp, "other", [sn.url], zone="z2")
+    req = await _peer(tmp, "req", [sn.url], zone="z1",
+                      fetch=FetchConfig(lookup_timeout=5.0, hedge_after=hedge_after,
+                                        peer_timeout=60.0))
+    try:
+        wants = _wants(tmp, [chunk(size)])
+        await _seeded(sn, wants, slow, other)
+        (tmp / "blobs" / wants[0].blob).unlink()  # only peers can serve now
+        yield req, other, wants[0]
+    finally:
+        for p in (req, other, slow):
+            await p.close()
+        await sn.close()
+
+
 def test_bulk_end_game_does_not_hedge_a_big_chunk_that_is_moving(tmp_path: Path) -> None:
     """The last chunk of a bulk fetch is one big chunk coming slowly but steadily from its
     peer (a ``PROGRESS_PIECE`` every quarter second, no whole chunk for seconds): it is not
@@ -434,30 +459,16 @@ def test_bulk_end_game_does_not_hedge_a_big_chunk_that_is_moving(tmp_path: Path)
     counted whole chunks only, and in the fan-out every node received ~5% of the image
     twice."""
     async def go() -> None:
-        sn = await start_supernode(SupernodeConfig(listen=HostPort("127.0.0.1", 0)))
-        # Same zone as the requester: the supernode ranks the slow peer first, every time.
-        slow = await _peer(tmp_path, "slow", [sn.url], upload=UploadConfig(rate=256 << 10),
-                           zone="z1")
-        other = await _peer(tmp_path, "other", [sn.url], zone="z2")
-        req = await _peer(tmp_path, "req", [sn.url], zone="z1",
-                          fetch=FetchConfig(lookup_timeout=5.0, hedge_after=1.5,
-                                            peer_timeout=60.0))
-        try:
-            # 1.2 MB at 256 KiB/s after a second's burst: ~3.5 s, longer than hedge_after
-            wants = _wants(tmp_path, [chunk(1_200_000)])
-            await _seeded(sn, wants, other, slow)  # slow gets it from other, fast
-            (tmp_path / "blobs" / wants[0].blob).unlink()  # only peers can serve now
+        # 1.2 MB at 256 KiB/s after a second's burst: ~3.5 s, longer than hedge_after
+        async with _slow_holder_first(tmp_path, size=1_200_000, rate=256 << 10,
+                                      hedge_after=1.5) as (req, other, want):
             uploaded = other.metrics.uploads._value.get()
             t0 = time.monotonic()
-            (o,) = await asyncio.wait_for(req.fetcher.get_many(wants, bulk=True), 30)
+            (o,) = await asyncio.wait_for(req.fetcher.get_many([want], bulk=True), 30)
             assert o.origin == "peer" and o.error is None
             assert time.monotonic() - t0 > 1.5  # it did run past hedge_after
             assert other.metrics.uploads._value.get() == uploaded  # never asked
             assert req.metrics.duplicate_bytes._value.get() == 0
-        finally:
-            for p in (req, other, slow):
-                await p.close()
-            await sn.close()
 
     run(go())
 
@@ -467,20 +478,11 @@ def test_bulk_end_game_hedges_a_stalled_request(tmp_path: Path) -> None:
     slow uplink); with nothing else to ask, after ``hedge_after`` it is asked of another
     holder too, and the fetch ends long before the slow peer would have delivered."""
     async def go() -> None:
-        sn = await start_supernode(SupernodeConfig(listen=HostPort("127.0.0.1", 0)))
-        # Same zone as the requester: the supernode ranks the slow peer first, every time.
-        slow = await _peer(tmp_path, "slow", [sn.url], upload=UploadConfig(rate=16 << 10),
-                           zone="z1")
-        fast = await _peer(tmp_path, "fast", [sn.url], zone="z2")
-        req = await _peer(tmp_path, "req", [sn.url], zone="z1",
-                          fetch=FetchConfig(lookup_timeout=5.0, hedge_after=0.5,
-                                            peer_timeout=60.0))
-        try:
-            wants = _wants(tmp_path, [chunk(400_000)])  # 25 s from the slow peer alone
-            await _seeded(sn, wants, slow, fast)
-            (tmp_path / "blobs" / wants[0].blob).unlink()  # only peers can serve now
+        # 25 s from the slow peer alone
+        async with _slow_holder_first(tmp_path, size=400_000, rate=16 << 10,
+                                      hedge_after=0.5) as (req, _, want):
             t0 = time.monotonic()
-            (o,) = await asyncio.wait_for(req.fetcher.get_many(wants, bulk=True), 20)
+            (o,) = await asyncio.wait_for(req.fetcher.get_many([want], bulk=True), 20)
             assert o.origin == "peer" and o.error is None
             assert time.monotonic() - t0 < 10
             assert req.metrics.bad_peer_reports.labels("timeout")._value.get() == 0
@@ -491,9 +493,5 @@ def test_bulk_end_game_hedges_a_stalled_request(tmp_path: Path) -> None:
                     break
                 await asyncio.sleep(0.02)
             assert req.fetcher._bulk_bytes == 0
-        finally:
-            for p in (req, fast, slow):
-                await p.close()
-            await sn.close()
 
     run(go())
