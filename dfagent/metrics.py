@@ -146,6 +146,7 @@ PEER_METRIC_NAMES: tuple[str, ...] = (
     "dfagent_peer_upload_bytes_total",
     "dfagent_peer_uploads_active",
     "dfagent_peer_upload_rejections_total",
+    "dfagent_peer_cut_through_total",
     "dfagent_peer_store_bytes",
     "dfagent_peer_store_chunks",
     "dfagent_peer_store_evictions_total",
@@ -193,6 +194,10 @@ class PeerMetrics:
         self.upload_rejections = Counter("dfagent_peer_upload_rejections_total",
                                          "Upload requests refused (reason: busy|unauthorized)",
                                          ["reason"], registry=r)
+        self.cut_through = Counter("dfagent_peer_cut_through_total",
+                                   "Chunks served to other peers while still arriving here "
+                                   "(outcome: sent whole, or cut off when the chunk failed "
+                                   "on its way)", ["outcome"], registry=r)
         self.store_bytes = Gauge("dfagent_peer_store_bytes", "Bytes in the chunk store",
                                  registry=r)
         self.store_chunks = Gauge("dfagent_peer_store_chunks", "Chunks in the chunk store",
@@ -240,6 +245,8 @@ class PeerMetrics:
             self.upload_rejections.labels(reason)
         for reason in SOURCE_REASONS:
             self.source_fetches.labels(reason)
+        for outcome in ("sent", "cut"):
+            self.cut_through.labels(outcome)
 
         self.delivered_by: dict[str, int] = dict.fromkeys(ORIGINS, 0)  # also for stats()
 

@@ -80,19 +80,19 @@ import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
 
 from dfagent.errors import FetchError, RequestError
 from dfagent.metrics import PeerMetrics
+from dfagent.peer.arrival import Arrival
 from dfagent.peer.config import FetchConfig
 from dfagent.peer.source import SourceLocation, SourcePool
 from dfagent.peer.store import ChunkStore
 from dfagent.supernode.client import LookupResult, PeerRef
 from nydusfs.errors import IntegrityError, NotFoundError, StorageError
 from nydusfs.format import chunkfile
-from nydusfs.format.chunk import decode
 from nydusfs.storage.base import RangeRequest
 
 __all__ = ["BAD_PEER_PAUSE", "BULK_WINDOW", "BUSY_PAUSE", "ChunkWant", "Fetcher", "Outcome",
@@ -166,11 +166,12 @@ class Tracker(Protocol):
 
 
 async def _read_body(content: aiohttp.StreamReader, length: int, progress: asyncio.Timeout,
-                     limit: float, mark: list[float] | None) -> bytes:
+                     limit: float, mark: list[float] | None, arrival: Arrival | None) -> bytes:
     """``length`` bytes of a frame body, in ``PROGRESS_PIECE`` pieces; after each, ``progress``
-    (a timeout on progress) is pushed ``limit`` seconds on and ``mark`` (the request's progress
-    mark, for the end game's hedge) set to now. A 1 MiB chunk from a peer whose uplink dozens
-    of requests share can take longer than ``fetch.peer_timeout``, and longer than
+    (a timeout on progress) is pushed ``limit`` seconds on, ``mark`` (the request's progress
+    mark, for the end game's hedge) set to now, and the piece fed to ``arrival`` (peers may
+    read the chunk from this node while it arrives). A 1 MiB chunk from a peer whose uplink
+    dozens of requests share can take longer than ``fetch.peer_timeout``, and longer than
     ``fetch.hedge_after``, while its bytes keep coming.
 
     (Reading with the socket's ``SO_RCVLOWAT`` set to what of a piece had not arrived, one
@@ -182,7 +183,10 @@ async def _read_body(content: aiohttp.StreamReader, length: int, progress: async
     left = length
     while True:
         n = min(left, PROGRESS_PIECE)
-        parts.append(await content.readexactly(n))
+        piece = await content.readexactly(n)
+        if arrival is not None:
+            arrival.feed(length - left, piece)
+        parts.append(piece)
         left -= n
         progress.reschedule(loop.time() + limit)
         if mark is not None:
@@ -222,6 +226,10 @@ class Fetcher:
         # Chunks on their way here: asked of a peer, or read from the source, right now (a
         # count per digest: hedged chunks are asked twice). See :meth:`fetching`.
         self._coming: dict[str, int] = {}
+        # Chunks arriving now, readable by the upload server while they do (``arrival``), and
+        # upload requests waiting for chunks to start arriving (``wait_ready``).
+        self._arrivals: dict[str, Arrival] = {}
+        self._ready_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._progress = asyncio.Event()  # replaced (after set) when a source batch ends
         self._source_slots = asyncio.Semaphore(config.concurrency)
         self._sourcing = 0  # source fetches (_from_source calls) running on this node
@@ -725,13 +733,54 @@ class Fetcher:
         if fut is not None and not fut.done():
             fut.set_result(outcome)
 
-    async def wait_stored(self, digests: Iterable[str], timeout: float) -> None:
-        """Wait (at most ``timeout`` seconds) until every one of ``digests`` that this node is
-        fetching now has arrived (or failed): the upload server serves a chunk it was
-        asked for while it was still on its way here."""
-        futs = [f for d in digests if (f := self._inflight.get(d)) is not None]
-        if futs:
-            await asyncio.wait([asyncio.shield(f) for f in futs], timeout=timeout)
+    async def wait_ready(self, digests: Iterable[str], timeout: float) -> None:
+        """Wait (at most ``timeout`` seconds) until one of ``digests`` has started arriving
+        here (:meth:`arrival`), landed or failed; at once if one has. The upload server
+        serves chunks that were asked of it while still on their way here."""
+        loop = asyncio.get_running_loop()
+        waits: list[asyncio.Future[Any]] = []
+        mine: list[tuple[str, asyncio.Future[None]]] = []
+        for d in digests:
+            fut = self._inflight.get(d)
+            if d in self._arrivals or fut is None or fut.done():
+                break
+            ready: asyncio.Future[None] = loop.create_future()
+            self._ready_waiters.setdefault(d, []).append(ready)
+            mine.append((d, ready))
+            waits += (asyncio.shield(fut), ready)
+        else:
+            if waits:
+                await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        for d, ready in mine:
+            left = self._ready_waiters.get(d)
+            if left is not None and ready in left:
+                left.remove(ready)
+                if not left:
+                    del self._ready_waiters[d]
+        for f in waits:
+            if not f.done():
+                f.cancel()  # the shields (and our own futures), never the fetch itself
+
+    def arrival(self, digest: str) -> Arrival | None:
+        """``digest`` as it arrives here now, if it does (``dfagent.peer.arrival``)."""
+        return self._arrivals.get(digest)
+
+    def _arrive(self, digest: str, length: int) -> Arrival:
+        """A new arrival of ``digest`` (a chunk file of ``length`` bytes), readable by the
+        upload server unless another copy of it is arriving already (a hedge's)."""
+        a = Arrival(digest, length)
+        if digest not in self._arrivals:
+            self._arrivals[digest] = a
+            for ready in self._ready_waiters.pop(digest, ()):
+                if not ready.done():
+                    ready.set_result(None)
+        return a
+
+    def _gone(self, a: Arrival, ok: bool = False) -> None:
+        """``a`` ended (verified and stored, or failed): no longer readable as arriving."""
+        a.finish(ok)
+        if self._arrivals.get(a.digest) is a:
+            del self._arrivals[a.digest]
 
     def fetching(self, digest: str) -> bool:
         """Whether ``digest`` is on its way here now: asked of a peer or read from the source,
@@ -859,6 +908,7 @@ class Fetcher:
         ``mark[0]``: set to the time each chunk arrives (progress, for the end game)."""
         got_any = False
         current: str | None = None
+        arrival: Arrival | None = None  # the chunk being read, readable by peers meanwhile
         seen: set[str] = set()
         self._asking[peer.id] = self._asking.get(peer.id, 0) + len(digests)
         self._on_way(digests, 1)
@@ -891,21 +941,32 @@ class Fetcher:
                         current = d
                         if d not in wants:
                             raise IntegrityError(f"peer sent chunk {d} that was not asked for")
-                        body = await _read_body(resp.content, length, progress, limit, mark)
+                        if status == chunkfile.FRAME_FOUND and d not in out:
+                            arrival = self._arrive(d, length)
+                        body = await _read_body(resp.content, length, progress, limit, mark,
+                                                arrival)
                         got_any = True
                         seen.add(d)
                         if status != chunkfile.FRAME_FOUND:
                             retry.add(d)  # not there (yet): it may be on its way to that peer
                             continue
-                        if d in out:  # the other copy of a hedge won: nothing to check
+                        if arrival is None:  # the other copy of a hedge won: nothing to check
                             self.metrics.duplicate_bytes.inc(len(body))
                             continue
                         w = wants[d]
                         await self._verify(body, d, w.uncompressed_size)
-                        if d not in out:
-                            self.metrics.delivered("peer", len(body), time.monotonic() - t0)
-                            await self._keep(d, body)
-                            self._settle(Outcome(d, origin="peer", data=body), out)
+                        arrival.finish(True)  # peers reading it get its last piece now
+                        try:
+                            if d in out:  # the other copy of a hedge won meanwhile
+                                self.metrics.duplicate_bytes.inc(len(body))
+                            else:
+                                self.metrics.delivered("peer", len(body),
+                                                       time.monotonic() - t0)
+                                await self._keep(d, body)
+                                self._settle(Outcome(d, origin="peer", data=body), out)
+                        finally:
+                            self._gone(arrival)
+                            arrival = None
         except _Busy:
             self.metrics.peer_busy.inc()
             self._busy_until[peer.id] = time.monotonic() + BUSY_PAUSE
@@ -924,6 +985,8 @@ class Fetcher:
             log.info("peer %s failed: %s", peer.id, exc)
             self._mark_bad(peer, "error", None if got_any else current)
         finally:
+            if arrival is not None:  # cut off mid-chunk, or the chunk was bad
+                self._gone(arrival)
             self._on_way(digests, -1)
             n = self._asking.get(peer.id, 0) - len(digests)
             if n > 0:
@@ -1038,48 +1101,80 @@ class Fetcher:
     async def _source_batch(self, loc: SourceLocation, ws: list[ChunkWant],
                             out: dict[str, Outcome], t0: float,
                             lanes: asyncio.Semaphore) -> None:
+        """One source piece: ``ws`` read from ``loc`` in one streamed call. Each chunk is
+        readable by peers as it arrives (:meth:`_arrive`), and verified, stored and
+        announced as soon as its last byte is in (:meth:`_land`), not when the whole piece
+        is: in an image's regions of small files a piece holds hundreds of chunks."""
         def fail(code: str, msg: str) -> None:
             for w in ws:
-                out[w.digest] = Outcome(w.digest, error=FetchError(
-                    f"chunk {w.digest}: {msg}", code=code))
+                if w.digest not in out:
+                    out[w.digest] = Outcome(w.digest, error=FetchError(
+                        f"chunk {w.digest}: {msg}", code=code))
 
         try:
             backend = self.sources.backend(loc)
         except RequestError as exc:
             fail("bad_request", str(exc))
             return
+        arrivals: list[Arrival | None] = [None] * len(ws)
+        landing: list[asyncio.Task[None]] = []
+
+        def sink(i: int, pos: int, data: bytes) -> None:
+            a = arrivals[i]
+            if a is None:  # (a chunk with a source has a payload: the local API says so)
+                w = ws[i]
+                a = arrivals[i] = self._arrive(w.digest, chunkfile.HEADER_SIZE + w.size)
+                a.feed(0, chunkfile.header(w.size, w.flags, w.uncompressed_size,
+                                           bytes.fromhex(w.digest)))
+            if a.feed(chunkfile.HEADER_SIZE + pos, data):
+                landing.append(asyncio.create_task(self._land(loc, ws[i], a, out, t0)))
+
         queued = time.monotonic()
-        async with lanes, self._source_slots:
-            began = time.monotonic()
-            try:
-                datas = await backend.read_many(
-                    [RangeRequest(w.blob, w.offset, w.size) for w in ws])
-            except NotFoundError as exc:
-                fail("not_found", f"{loc.describe()}: {exc}")
-                return
-            except StorageError as exc:
-                fail("unavailable", f"{loc.describe()}: {exc}")
-                return
-            finally:
-                for w in ws:
-                    self._leased_now.pop(w.digest, None)
-            log.debug("source piece of %d chunks (%s..., %d bytes): %.2f s, after %.2f s "
-                      "queued", len(ws), ws[0].digest[:12], sum(w.size for w in ws),
-                      time.monotonic() - began, began - queued)
-        for w, payload in zip(ws, datas, strict=True):
-            d = w.digest
-            try:
-                if w.uncompressed_size <= INLINE_VERIFY:
-                    decode(payload, w.flags, w.uncompressed_size, bytes.fromhex(d))
-                else:
-                    await asyncio.to_thread(decode, payload, w.flags, w.uncompressed_size,
-                                            bytes.fromhex(d))
-                data = chunkfile.pack(payload, w.flags, w.uncompressed_size, bytes.fromhex(d))
-            except (IntegrityError, ValueError) as exc:
-                self.metrics.verification_failures.labels("source").inc()
-                out[d] = Outcome(d, error=FetchError(
-                    f"{loc.describe()}: {exc}", code="integrity"))
-                continue
+        try:
+            async with lanes, self._source_slots:
+                began = time.monotonic()
+                try:
+                    await backend.stream_many(
+                        [RangeRequest(w.blob, w.offset, w.size) for w in ws], sink)
+                except NotFoundError as exc:
+                    fail("not_found", f"{loc.describe()}: {exc}")
+                except StorageError as exc:
+                    fail("unavailable", f"{loc.describe()}: {exc}")
+                finally:
+                    for w in ws:
+                        self._leased_now.pop(w.digest, None)
+                log.debug("source piece of %d chunks (%s..., %d bytes): %.2f s, after %.2f s "
+                          "queued", len(ws), ws[0].digest[:12], sum(w.size for w in ws),
+                          time.monotonic() - began, began - queued)
+            await asyncio.gather(*landing)
+        finally:
+            for task in landing:
+                task.cancel()  # only when this was cancelled: they have ended otherwise
+            for a in arrivals:
+                if a is not None and a.ok is None:
+                    self._gone(a)  # never arrived whole: peers reading it are cut off
+        fail("unavailable", f"{loc.describe()}: the source sent less than asked")
+
+    async def _land(self, loc: SourceLocation, w: ChunkWant, a: Arrival,
+                    out: dict[str, Outcome], t0: float) -> None:
+        """A chunk whose bytes are all in from the source: verify, store, announce."""
+        d = w.digest
+        data = a.whole()
+        try:
+            if w.uncompressed_size <= INLINE_VERIFY:
+                chunkfile.unpack_verified(data, bytes.fromhex(d), w.uncompressed_size)
+            else:
+                await asyncio.to_thread(chunkfile.unpack_verified, data, bytes.fromhex(d),
+                                        w.uncompressed_size)
+        except (IntegrityError, ValueError) as exc:
+            self._gone(a)
+            self.metrics.verification_failures.labels("source").inc()
+            out[d] = Outcome(d, error=FetchError(f"{loc.describe()}: {exc}", code="integrity"))
+            return
+        a.finish(True)  # peers reading it get its last piece now
+        try:
             self.metrics.delivered("source", len(data), time.monotonic() - t0)
             await self._keep(d, data)
             self._settle(Outcome(d, origin="source", data=data), out)
+        finally:
+            self._gone(a, True)

@@ -11,12 +11,17 @@ digits (anything else does not match a route: 404) and becomes a file name only 
 :meth:`ChunkStore.path_of`; there is no static file serving, no directory listing.
 
 Chunks on their way: a request for a chunk this node is fetching right now (the supernode
-points requesters at the peer holding a chunk's source lease) waits for it, at most
-:data:`INFLIGHT_WAIT` seconds, then gets it or "not found". A request that has nothing to send
-yet waits without taking an upload slot; in a batch, chunks already here are sent first. The
-wait is short (1.5 s): the requester holds those bytes of its window while it waits, and one
-told "not held" asks the supernode again, which by then may name a peer that has it. Fan-out
-runs took about a second longer with 3 s, and much longer with 8 s.
+points requesters at the peer holding a chunk's source lease, and at peers expected to hold it)
+gets it *while it arrives* (cut-through, ``dfagent.peer.arrival``): its bytes are sent as they
+come from the source or the upstream peer, all but the last piece, which follows once this node
+has verified the chunk; a chunk that fails on its way cuts the connection mid-body, so the
+requester never gets a complete chunk this node did not verify. A chunk asked of a peer or the
+source that has not started arriving is waited for, at most :data:`INFLIGHT_WAIT` seconds,
+then it is "not found". A request that has nothing to send yet waits without taking an upload
+slot; in a batch, chunks already here are sent first. The wait is short (1.5 s): the requester
+holds those bytes of its window while it waits, and one told "not held" asks the supernode
+again, which by then may name a peer that has it. Fan-out runs took about a second longer with
+3 s, and much longer with 8 s.
 
 Limits: at most ``upload.max_concurrent`` requests are served at once; one more is refused at
 once with 429 and ``Retry-After`` (the requester tries another peer rather than queueing
@@ -45,6 +50,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from dfagent.metrics import PeerMetrics
+from dfagent.peer.arrival import Arrival, ArrivalFailed
 from dfagent.peer.store import ChunkStore, check_digest
 from nydusfs.format import chunkfile
 
@@ -54,6 +60,7 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH = 256  # digests per batch request
 INFLIGHT_WAIT = 1.5  # seconds a request waits for chunks still on their way here (module doc)
+ARRIVAL_STALL = 30.0  # seconds a cut-through upload waits for the next piece of its chunk
 WRITE_PIECE = 256 << 10  # bytes written (and paced) at a time
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -89,7 +96,9 @@ class Pending(Protocol):
 
     def fetching(self, digest: str) -> bool: ...
 
-    async def wait_stored(self, digests: Iterable[str], timeout: float) -> None: ...
+    def arrival(self, digest: str) -> Arrival | None: ...
+
+    async def wait_ready(self, digests: Iterable[str], timeout: float) -> None: ...
 
 
 class UploadLimits:
@@ -166,38 +175,78 @@ async def _send(resp: web.StreamResponse, data: bytes | memoryview, pacer: Pacer
 
 async def _await_coming(request: web.Request, digests: list[str]) -> list[str]:
     """Of ``digests`` not in the store, those this node is fetching now (it holds their source
-    lease, or fetches them from a peer). If none of ``digests`` is stored yet, first wait (at
-    most :data:`INFLIGHT_WAIT`, holding no upload slot) for those to arrive."""
+    lease, or fetches them from a peer). If none of ``digests`` is stored or arriving yet,
+    first wait (at most :data:`INFLIGHT_WAIT`, holding no upload slot) for one to start."""
     pending = request.app[LIMITS].pending
     if pending is None:
         return []
     store = request.app[STORE]
     coming = [d for d in digests if d not in store and pending.fetching(d)]
     if coming and not any(d in store for d in digests):
-        await pending.wait_stored(coming, INFLIGHT_WAIT)
+        await pending.wait_ready(coming, INFLIGHT_WAIT)
         coming = [d for d in coming if d not in store and pending.fetching(d)]
     return coming
 
 
+async def _arriving(request: web.Request, digest: str, deadline: float) -> Arrival | None:
+    """``digest`` as it arrives here, if it does by ``deadline`` (monotonic) and is not stored
+    by then."""
+    pending = request.app[LIMITS].pending
+    if pending is None:
+        return None
+    store = request.app[STORE]
+    a = pending.arrival(digest)
+    if a is None and digest not in store and pending.fetching(digest):
+        left = deadline - time.monotonic()
+        if left > 0:
+            await pending.wait_ready([digest], left)
+        a = pending.arrival(digest)
+    return None if digest in store and (a is None or a.ok is not None) else a
+
+
+async def _send_arrival(resp: web.StreamResponse, a: Arrival, slot: _Slot) -> None:
+    """A chunk file as it arrives (module doc); ``ArrivalFailed`` when it fails on its way."""
+    try:
+        async for piece in a.read(ARRIVAL_STALL):
+            await _send(resp, piece, slot.limits.pacer, slot.metrics)
+    except ArrivalFailed:
+        slot.metrics.cut_through.labels("cut").inc()
+        raise
+    slot.metrics.cut_through.labels("sent").inc()
+    slot.metrics.uploads.inc()
+
+
+def _cut(request: web.Request, what: str, exc: ArrivalFailed) -> None:
+    """End a response mid-body: the requester must not take a partial chunk for a whole one."""
+    log.info("%s for %s: %s; cutting the connection", what, request.remote, exc)
+    if request.transport is not None:
+        request.transport.abort()
+
+
 async def _get_chunk(request: web.Request) -> web.StreamResponse:
     digest = request.match_info["digest"]
-    await _await_coming(request, [digest])
+    a = await _arriving(request, digest, time.monotonic() + INFLIGHT_WAIT)
     slot = _Slot(request)
     if not slot.acquire():
         return _busy(slot.metrics)
     try:
-        data = await request.app[STORE].read(digest)
-        if data is None:
+        data = None if a is not None else await request.app[STORE].read(digest)
+        if a is None and data is None:
             return web.json_response({"error": {"code": "not_found",
                                                 "message": f"chunk {digest} not held"}},
                                      status=404)
         resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
-        resp.content_length = len(data)
+        resp.content_length = a.length if a is not None else len(data or b"")
         try:
             await resp.prepare(request)
-            await _send(resp, data, slot.limits.pacer, slot.metrics)
-            slot.metrics.uploads.inc()
+            if a is not None:
+                await _send_arrival(resp, a, slot)
+            else:
+                await _send(resp, data or b"", slot.limits.pacer, slot.metrics)
+                slot.metrics.uploads.inc()
             await resp.write_eof()
+        except ArrivalFailed as exc:
+            _cut(request, f"chunk {digest[:12]}", exc)
         except ConnectionError:  # the requester went away (as in _get_batch): not our fault
             log.debug("chunk %s for %s: the requester went away", digest[:12], request.remote)
         return resp
@@ -229,12 +278,15 @@ async def _get_batch(request: web.Request) -> web.StreamResponse:
         later = set(coming)
         # What is here goes first (frames may come in any order), then what was on its way.
         for d in [d for d in wanted if d not in later] + [d for d in wanted if d in later]:
-            if d in later and d not in store and slot.limits.pending is not None:
-                left = INFLIGHT_WAIT - (time.monotonic() - t0)
-                if left > 0:
-                    await slot.limits.pending.wait_stored([d], left)
-            data = await store.read(d)
             raw = bytes.fromhex(d)
+            if d in later:
+                a = await _arriving(request, d, t0 + INFLIGHT_WAIT)
+                if a is not None:
+                    await resp.write(chunkfile.frame_header(raw, chunkfile.FRAME_FOUND,
+                                                            a.length))
+                    await _send_arrival(resp, a, slot)
+                    continue
+            data = await store.read(d)
             if data is None:
                 await resp.write(chunkfile.pack_frame(raw, chunkfile.FRAME_NOT_FOUND))
                 continue
@@ -242,6 +294,9 @@ async def _get_batch(request: web.Request) -> web.StreamResponse:
             await _send(resp, data, slot.limits.pacer, slot.metrics)
             slot.metrics.uploads.inc()
         await resp.write_eof()
+        return resp
+    except ArrivalFailed as exc:
+        _cut(request, "batch", exc)
         return resp
     except ConnectionError:  # the requester went away (it got the chunks elsewhere: the
         # loser of a hedge is cancelled); aiohttp says "Connection lost" or a reset

@@ -53,6 +53,7 @@ __all__ = [
     "ChunkFile",
     "Frame",
     "frame_header",
+    "header",
     "iter_frames",
     "pack",
     "pack_frame",
@@ -85,12 +86,17 @@ class ChunkFile:
 def pack(payload: bytes | memoryview, flags: int, uncompressed_size: int,
          digest: bytes) -> bytes:
     """The chunk file for a payload (raises ``ValueError`` for values no chunk can have)."""
+    return header(len(payload), flags, uncompressed_size, digest) + bytes(payload)
+
+
+def header(payload_size: int, flags: int, uncompressed_size: int, digest: bytes) -> bytes:
+    """A chunk file's header alone (a node writes it before the payload streams in);
+    ``ValueError`` for values no chunk can have."""
     if flags & ~CHUNK_FLAG_ZSTD or not 0 <= uncompressed_size <= MAX_CHUNK_SIZE:
         raise ValueError(f"chunk flags {flags:#x} / size {uncompressed_size} out of range")
     if len(digest) != 32:
         raise ValueError("digest must be 32 bytes")
-    return _HEADER.pack(MAGIC, VERSION, flags, 0, uncompressed_size, len(payload),
-                        digest) + bytes(payload)
+    return _HEADER.pack(MAGIC, VERSION, flags, 0, uncompressed_size, payload_size, digest)
 
 
 def unpack(data: bytes | memoryview, digest: bytes | None = None) -> ChunkFile:

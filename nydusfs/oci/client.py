@@ -185,6 +185,27 @@ def _describe(exc: BaseException) -> str:
 _NETWORK_ERRORS = (aiohttp.ClientError, TimeoutError, OSError)
 
 
+class _Pieces:
+    """Where a response body goes as it arrives: kept and joined at the end, or handed to a
+    ``sink(position, bytes)`` piece by piece and not kept (a streaming reader has them)."""
+
+    __slots__ = ("_buf", "_sink")
+
+    def __init__(self, sink: Callable[[int, bytes], None] | None) -> None:
+        self._sink = sink
+        self._buf = bytearray()
+
+    def __call__(self, pos: int, data: bytes) -> None:
+        if self._sink is not None:
+            self._sink(pos, data)
+        else:
+            self._buf += data
+
+    def data(self) -> bytes:
+        """What was kept: the body, or ``b""`` when it went to a sink."""
+        return bytes(self._buf)
+
+
 class RegistryClient:
     """One registry host: one aiohttp session (created on first use), tokens cached per scope.
 
@@ -462,18 +483,27 @@ class RegistryClient:
 
     async def _read(self, resp: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
         """The whole body, at most ``limit`` bytes (``FormatError`` beyond)."""
+        keep = _Pieces(None)
+        await self._read_pieces(resp, limit, what, keep)
+        return keep.data()
+
+    async def _read_pieces(self, resp: aiohttp.ClientResponse, limit: int, what: str,
+                           keep: _Pieces) -> int:
+        """The whole body into ``keep`` as it arrives, at most ``limit`` bytes (``FormatError``
+        beyond); the number of bytes."""
         if resp.content_length is not None and resp.content_length > limit:
             raise FormatError(f"{what}: {resp.content_length} bytes, more than the {limit} "
                               "allowed")
-        buf = bytearray()
+        got = 0
         try:
             async for chunk in resp.content.iter_chunked(_READ_CHUNK):
-                buf += chunk
-                if len(buf) > limit:
+                if got + len(chunk) > limit:
                     raise FormatError(f"{what}: more than the {limit} bytes allowed")
+                keep(got, chunk)
+                got += len(chunk)
         except _NETWORK_ERRORS as exc:
             raise _Transient(f"{what}: reading the response: {_describe(exc)}") from exc
-        return bytes(buf)
+        return got
 
     async def _fetch(self, method: str, url: str, *, scopes: tuple[str, ...], what: str,
                      limit: int, headers: dict[str, str] | None = None,
@@ -608,10 +638,14 @@ class RegistryClient:
             return False
         return True
 
-    async def read_blob_range(self, repository: str, digest: str, offset: int,
-                              size: int) -> bytes:
+    async def read_blob_range(self, repository: str, digest: str, offset: int, size: int, *,
+                              sink: Callable[[int, bytes], None] | None = None) -> bytes:
         """Exactly ``size`` bytes of the blob from ``offset``; ``NotFoundError`` if the blob is
-        missing or the range is not inside it (no digest check: the caller verifies chunks)."""
+        missing or the range is not inside it (no digest check: the caller verifies chunks).
+
+        ``sink``: also called with ``(position in the range, bytes)`` for each piece as it
+        arrives (a retry starts again at 0); the bytes are then not kept, and ``b""`` is
+        returned (a streaming reader has them already)."""
         repo, digest = self._repo(repository), self._digest(digest)
         what = f"{self.registry}/{repo}@{digest}[{offset}+{size}]"
         if offset < 0 or size < 0:
@@ -630,7 +664,7 @@ class RegistryClient:
                                             headers={"Range": f"bytes={offset}-{end}"},
                                             ok=(200, 206))
                     try:
-                        return await self._read_range(resp, offset, size, what)
+                        return await self._read_range(resp, offset, size, what, sink)
                     finally:
                         resp.release()
             except TimeoutError as exc:
@@ -639,7 +673,7 @@ class RegistryClient:
         return await self._retrying(what, once)
 
     async def _read_range(self, resp: aiohttp.ClientResponse, offset: int, size: int,
-                          what: str) -> bytes:
+                          what: str, sink: Callable[[int, bytes], None] | None) -> bytes:
         if resp.status == 206:
             m = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", "").strip())
             if not m or int(m[1]) != offset:
@@ -648,34 +682,36 @@ class RegistryClient:
             if int(m[2]) != offset + size - 1:
                 raise NotFoundError(f"{what}: range extends beyond the end of the blob "
                                     f"({_clean(m[0], 80)})")
+            keep = _Pieces(sink)
             try:
-                data = await self._read(resp, size, what)
+                got = await self._read_pieces(resp, size, what, keep)
             except FormatError as exc:
                 raise RegistryError(f"{what}: the registry sent more than the range") from exc
-            self.bytes_downloaded += len(data)
+            self.bytes_downloaded += got
         else:  # 200: the server ignored Range; skip to the range within the whole body
             total = resp.content_length
             if total is not None and offset + size > total:
                 raise NotFoundError(f"{what}: range extends beyond the end of the blob "
                                     f"({total} bytes)")
-            buf = bytearray()
+            got = 0
             pos = 0
+            keep = _Pieces(sink)
             try:
                 async for chunk in resp.content.iter_chunked(_READ_CHUNK):
                     self.bytes_downloaded += len(chunk)
                     lo, hi = max(offset - pos, 0), min(offset + size - pos, len(chunk))
                     if lo < hi:
-                        buf += chunk[lo:hi]
+                        keep(got, chunk[lo:hi])
+                        got += hi - lo
                     pos += len(chunk)
                     if pos >= offset + size:
                         break
             except _NETWORK_ERRORS as exc:
                 raise _Transient(f"{what}: reading the response: {_describe(exc)}") from exc
-            data = bytes(buf)
-        if len(data) != size:
-            raise NotFoundError(f"{what}: got {len(data)} bytes, the blob ends before "
+        if got != size:
+            raise NotFoundError(f"{what}: got {got} bytes, the blob ends before "
                                 f"{offset + size}")
-        return data
+        return keep.data()
 
     async def get_blob(self, repository: str, digest: str, *, max_size: int = 64 << 20) -> bytes:
         """The whole blob in memory (configs, bootstraps), verified against ``digest``.

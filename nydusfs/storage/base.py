@@ -16,6 +16,12 @@ Contract for every implementation (the conformance suite in tests/storage checks
 - ``read_many(requests)`` is the batched form: results in request order, same errors. The
   default implementation issues the reads concurrently; backends with a cheaper batched form
   (HTTP multi-range, one S3 GET spanning neighbours) override it.
+- ``stream_many(requests, sink)`` reads the same ranges but hands their bytes to
+  ``sink(index, position, data)`` as they arrive (``position`` within request ``index``'s
+  range, in order; a retried read starts again at 0, so a sink skips what it has), returning
+  nothing. Same errors. The default calls ``read_many`` and hands over each whole range; the
+  registry backend streams its GETs, so the P2P agent can pass a chunk on to peers while it
+  still arrives from the registry (``dfagent.peer.arrival``).
 - ``close()`` releases connections and file handles; a closed backend is not used again
   (reading from one raises ``UnavailableError``, never returns bytes). ``close()`` is idempotent.
 
@@ -50,12 +56,12 @@ from __future__ import annotations
 import asyncio
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from nydusfs.errors import NotFoundError
 
-__all__ = ["Backend", "ChunkInfo", "RangeRequest", "check_range"]
+__all__ = ["Backend", "ChunkInfo", "RangeRequest", "Sink", "check_range"]
 
 _BLOB_NAME = re.compile(r"[0-9a-f]{64}")
 
@@ -89,6 +95,10 @@ class RangeRequest:
     chunk: ChunkInfo | None = None  # set when the range is exactly one chunk
 
 
+# ``stream_many``'s receiver: (request index, position within its range, bytes).
+Sink = Callable[[int, int, bytes], None]
+
+
 class Backend(ABC):
     """Reads byte ranges of blobs. See the module docstring for the error contract."""
 
@@ -106,6 +116,11 @@ class Backend(ABC):
         """Several ranges, results in request order."""
         return list(await asyncio.gather(*(self.read(r.blob, r.offset, r.size)
                                            for r in requests)))
+
+    async def stream_many(self, requests: Sequence[RangeRequest], sink: Sink) -> None:
+        """The ranges' bytes to ``sink`` as they arrive (module doc); whole ranges here."""
+        for i, data in enumerate(await self.read_many(requests)):
+            sink(i, 0, data)
 
     async def warm(self, requests: Sequence[RangeRequest]) -> list[bool]:
         """Have each chunk in the node-level store, bytes not delivered; per request, whether

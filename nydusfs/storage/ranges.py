@@ -7,12 +7,14 @@ bytes back into one result per request. Pure arithmetic: no I/O, no validation o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import bisect
+import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from nydusfs.storage.base import RangeRequest
+from nydusfs.storage.base import RangeRequest, Sink
 
-__all__ = ["Run", "coalesce", "scatter"]
+__all__ = ["Run", "coalesce", "run_sink", "scatter"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,3 +64,33 @@ def scatter(requests: Sequence[RangeRequest], runs: Sequence[Run],
             start = r.offset - run.offset
             out[i] = bytes(view[start:start + r.size])
     return out
+
+
+def run_sink(requests: Sequence[RangeRequest], run: Run,
+             sink: Sink) -> Callable[[int, bytes], None]:
+    """A receiver of ``run``'s bytes as they arrive, ``(position in the run, data)``, that hands
+    each member request its part: ``sink(index, position in its range, data)`` (what
+    :meth:`~nydusfs.storage.base.Backend.stream_many` promises). Finding the members a piece
+    touches is a bisection, so a run of a thousand tiny chunks costs no more per piece than
+    one of a single chunk."""
+    members = run.members
+    starts = [requests[i].offset - run.offset for i in members]
+    # Members may overlap (repeated ranges), so search the running maximum of their ends.
+    reach = list(itertools.accumulate((s + requests[i].size for s, i in zip(starts, members,
+                                                                          strict=True)), max))
+
+    def feed(pos: int, data: bytes) -> None:
+        end = pos + len(data)
+        view = memoryview(data)
+        for k in range(bisect.bisect_right(reach, pos), len(members)):
+            start = starts[k]
+            if start >= end:
+                break
+            i = members[k]
+            stop = start + requests[i].size
+            if stop <= pos:
+                continue
+            lo = max(pos, start)
+            sink(i, lo - start, bytes(view[lo - pos:min(end, stop) - pos]))
+
+    return feed

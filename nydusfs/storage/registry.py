@@ -9,7 +9,8 @@ URL before :func:`~nydusfs.storage.base.check_range` accepted it.
 
 ``read_many`` coalesces ranges of one blob that overlap, touch or lie within ``merge_gap``
 bytes of each other into one GET (a wasted byte costs less than a round trip), and issues the
-GETs for different runs concurrently.
+GETs for different runs concurrently. ``stream_many`` does the same and hands each range its
+bytes as they come off the wire.
 
 Retries belong to the storage stack (``RetryingBackend`` around ``TimeoutBackend``), so the
 client here makes a single attempt per request; a 429's ``Retry-After`` is therefore not
@@ -32,8 +33,8 @@ from typing import TYPE_CHECKING
 
 from nydusfs.errors import ConfigError, UnavailableError
 from nydusfs.oci.client import ClientOptions, RegistryClient
-from nydusfs.storage.base import Backend, RangeRequest, check_range
-from nydusfs.storage.ranges import coalesce, scatter
+from nydusfs.storage.base import Backend, RangeRequest, Sink, check_range
+from nydusfs.storage.ranges import coalesce, run_sink, scatter
 
 if TYPE_CHECKING:
     from nydusfs.config import BackendConfig
@@ -96,6 +97,19 @@ class RegistryBackend(Backend):
         datas = await asyncio.gather(*(client.read_blob_range(
             self.repository, f"sha256:{run.blob}", run.offset, run.size) for run in runs))
         return scatter(requests, runs, datas)
+
+    async def stream_many(self, requests: Sequence[RangeRequest], sink: Sink) -> None:
+        """As :meth:`read_many`, each GET's bytes handed to ``sink`` as they arrive."""
+        for r in requests:
+            check_range(r.blob, r.offset, r.size)
+        if not requests:
+            return
+        client = await self._current()
+        runs = coalesce(requests, gap=self.merge_gap)
+        self.gets += len(runs)
+        await asyncio.gather(*(client.read_blob_range(
+            self.repository, f"sha256:{run.blob}", run.offset, run.size,
+            sink=run_sink(requests, run, sink)) for run in runs))
 
     async def close(self) -> None:
         self._closed = True

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from nydusfs.errors import StorageError, UnavailableError
-from nydusfs.storage.base import Backend, RangeRequest
+from nydusfs.storage.base import Backend, RangeRequest, Sink
 
 __all__ = ["CountingBackend", "RetryingBackend", "TimeoutBackend"]
 
@@ -51,6 +51,10 @@ class TimeoutBackend(Backend):
     async def read_many(self, requests: Sequence[RangeRequest]) -> list[bytes]:
         return await self._bounded(f"batch of {len(requests)} ranges",
                                    self.inner.read_many(requests))
+
+    async def stream_many(self, requests: Sequence[RangeRequest], sink: Sink) -> None:
+        await self._bounded(f"batch of {len(requests)} ranges",
+                            self.inner.stream_many(requests, sink))
 
     async def warm(self, requests: Sequence[RangeRequest]) -> list[bool]:
         # Not bounded here: warming a batch of a whole-image prefetch may rightly take
@@ -110,6 +114,11 @@ class RetryingBackend(Backend):
         return await self._retrying(f"batch of {len(requests)} ranges",
                                     lambda: self.inner.read_many(requests))
 
+    async def stream_many(self, requests: Sequence[RangeRequest], sink: Sink) -> None:
+        # A retry streams the ranges again from their start: the sink skips what it has.
+        await self._retrying(f"batch of {len(requests)} ranges",
+                             lambda: self.inner.stream_many(requests, sink))
+
     async def warm(self, requests: Sequence[RangeRequest]) -> list[bool]:
         return await self._retrying(f"warming {len(requests)} chunks",
                                     lambda: self.inner.warm(requests))
@@ -168,6 +177,16 @@ class CountingBackend(Backend):
         for r, data in zip(requests, datas, strict=True):
             self._delivered(r.blob, r.offset, len(data))
         return datas
+
+    async def stream_many(self, requests: Sequence[RangeRequest], sink: Sink) -> None:
+        self.calls += 1
+        try:
+            await self.inner.stream_many(requests, sink)
+        except StorageError:
+            self.errors += 1
+            raise
+        for r in requests:
+            self._delivered(r.blob, r.offset, r.size)
 
     async def warm(self, requests: Sequence[RangeRequest]) -> list[bool]:
         try:

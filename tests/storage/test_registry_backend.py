@@ -31,6 +31,7 @@ from .test_conformance import (  # noqa: F401 (collected here, run over the regi
     test_ranges_outside_the_blob_are_not_found,
     test_read_many_errors,
     test_read_many_keeps_request_order,
+    test_stream_many_hands_each_range_its_bytes,
 )
 
 Blobs = dict[str, bytes]

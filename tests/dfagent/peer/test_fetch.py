@@ -17,52 +17,15 @@ from typing import Any
 import pytest
 
 from dfagent.peer import fetcher
-from dfagent.peer.agent import RunningPeer, start_peer
-from dfagent.peer.config import FetchConfig, PeerConfig, UploadConfig
+from dfagent.peer.agent import RunningPeer
+from dfagent.peer.config import FetchConfig, UploadConfig
 from dfagent.peer.fetcher import ChunkWant
-from dfagent.peer.source import parse_location
 from dfagent.supernode.client import PeerRef
 from dfagent.supernode.config import LeaseConfig, SupernodeConfig
-from dfagent.supernode.server import RunningSupernode, start_supernode
+from dfagent.supernode.server import start_supernode
 from nydusfs.config import HostPort
 
-from .helpers import Chunk, blob_of, chunk, run
-
-
-def _wants(tmp: Path, chunks: list[Chunk]) -> list[ChunkWant]:
-    _, items = blob_of(chunks, tmp / "blobs")
-    loc = parse_location({"type": "localfs", "dir": str(tmp / "blobs")}, "source")
-    return [ChunkWant(i["digest"], loc, i["blob"], i["offset"], i["size"],
-                      i["uncompressed_size"], i["flags"]) for i in items]
-
-
-async def _peer(tmp: Path, name: str, supernodes: list[str], **kw: object) -> RunningPeer:
-    cfg = PeerConfig(id=name, listen=HostPort("127.0.0.1", 0), socket=tmp / f"{name}.sock",
-                     data_dir=tmp / name, supernodes=tuple(supernodes),
-                     **kw)  # type: ignore[arg-type]
-    return await start_peer(cfg)
-
-
-async def _seeded(sn: RunningSupernode, wants: list[ChunkWant], *peers: RunningPeer) -> None:
-    """Each of ``peers`` fetches ``wants`` from the source (not from one another: the fetch
-    runs without the supernode, and the chunks are announced after); returns once the
-    supernode lists all of them as holders of every chunk (bounded)."""
-    digests = [w.digest for w in wants]
-    for p in peers:
-        tracker, p.fetcher.tracker = p.fetcher.tracker, None
-        try:
-            for o in await p.fetcher.get_many(wants):
-                assert o.origin == "source"
-        finally:
-            p.fetcher.tracker = tracker
-        assert tracker is not None
-        tracker.announce(digests)
-    for _ in range(1000):  # bounded: 20 s
-        view = await sn.scheduler.lookup(digests, k=len(peers))
-        if all(len(view.chunks.get(d, [])) == len(peers) for d in digests):
-            return
-        await asyncio.sleep(0.02)
-    pytest.fail("the seeding peers' chunks were not announced within 20 s")
+from .helpers import chunk, run, seeded, start_node, wants_of
 
 
 def test_single_flight_and_a_frozen_supernode(tmp_path: Path) -> None:
@@ -74,11 +37,11 @@ def test_single_flight_and_a_frozen_supernode(tmp_path: Path) -> None:
 
         frozen = await asyncio.start_server(mute, "127.0.0.1", 0)
         port = frozen.sockets[0].getsockname()[1]
-        peer = await _peer(tmp_path, "a", [f"http://127.0.0.1:{port}"],
+        peer = await start_node(tmp_path, "a", [f"http://127.0.0.1:{port}"],
                            fetch=FetchConfig(lookup_timeout=0.2))
         try:
             assert peer.swarm is not None and not peer.swarm.connected
-            wants = _wants(tmp_path, [chunk(50_000) for _ in range(8)])
+            wants = wants_of(tmp_path, [chunk(50_000) for _ in range(8)])
             results = await asyncio.gather(*(peer.fetcher.get_many(wants) for _ in range(5)))
             for outcomes in results:
                 assert [o.digest for o in outcomes] == [w.digest for w in wants]
@@ -89,7 +52,7 @@ def test_single_flight_and_a_frozen_supernode(tmp_path: Path) -> None:
             assert stats["bytes"] == sum(w.size for w in wants)
             assert peer.metrics.delivered_by["peer"] == 0
             # A bulk fetch (a whole-image prefetch) does not wait on it either.
-            more = _wants(tmp_path, [chunk(10_000) for _ in range(6)])
+            more = wants_of(tmp_path, [chunk(10_000) for _ in range(6)])
             got = await asyncio.wait_for(peer.fetcher.get_many(more, bulk=True), 30)
             assert all(o.origin == "source" and o.error is None for o in got)
             assert peer.metrics.delivered_by["source"] == len(wants) + len(more)
@@ -106,14 +69,14 @@ def test_slow_peer_is_hedged_and_bad_source_data_is_refused(tmp_path: Path) -> N
         urls = [sn.url]
         fetch = FetchConfig(lookup_timeout=5.0, hedge_after=0.3, peer_timeout=60.0)
         # Same zone as the requester: the supernode ranks the slow peer first, every time.
-        slow = await _peer(tmp_path, "slow", urls, upload=UploadConfig(rate=16 << 10),
+        slow = await start_node(tmp_path, "slow", urls, upload=UploadConfig(rate=16 << 10),
                            zone="z1")
-        fast = await _peer(tmp_path, "fast", urls, zone="z2")
-        req = await _peer(tmp_path, "req", urls, fetch=fetch, zone="z1")
+        fast = await start_node(tmp_path, "fast", urls, zone="z2")
+        req = await start_node(tmp_path, "req", urls, fetch=fetch, zone="z1")
         try:
             big = chunk(400_000)  # 25 s from the slow peer alone
-            wants = _wants(tmp_path, [big])
-            await _seeded(sn, wants, slow, fast)
+            wants = wants_of(tmp_path, [big])
+            await seeded(sn, wants, slow, fast)
             # Strip the source: only peers can serve now.
             (tmp_path / "blobs" / wants[0].blob).unlink()
             (o,) = await asyncio.wait_for(req.fetcher.get_many(wants), 20)
@@ -121,7 +84,7 @@ def test_slow_peer_is_hedged_and_bad_source_data_is_refused(tmp_path: Path) -> N
 
             # A source whose bytes do not match the digest: refused, never stored.
             liar = chunk(1000)
-            (w,) = _wants(tmp_path / "liar", [liar])
+            (w,) = wants_of(tmp_path / "liar", [liar])
             blob = tmp_path / "liar" / "blobs" / w.blob
             blob.write_bytes(b"\x00" * blob.stat().st_size)
             (o,) = await req.fetcher.get_many([w])
@@ -179,10 +142,10 @@ def test_requests_to_a_peer_are_bounded_in_bytes(
 
     async def go() -> None:
         sn = await start_supernode(SupernodeConfig(listen=HostPort("127.0.0.1", 0)))
-        holder = await _peer(tmp_path, "holder", [sn.url])
-        req = await _peer(tmp_path, "req", [sn.url], fetch=FetchConfig(batch=16))
+        holder = await start_node(tmp_path, "holder", [sn.url])
+        req = await start_node(tmp_path, "req", [sn.url], fetch=FetchConfig(batch=16))
         try:
-            wants = _wants(tmp_path, [chunk(40_000) for _ in range(6)] +
+            wants = wants_of(tmp_path, [chunk(40_000) for _ in range(6)] +
                            [chunk(1000) for _ in range(20)])
             assert all(o.origin == "source" for o in await holder.fetcher.get_many(wants))
             for _ in range(500):  # bounded: all announced
@@ -216,9 +179,9 @@ def test_a_full_lease_budget_makes_chunks_wait_for_their_lease(tmp_path: Path) -
     async def go() -> None:
         sn = await start_supernode(SupernodeConfig(
             listen=HostPort("127.0.0.1", 0), leases=LeaseConfig(bytes=30_000)))
-        node = await _peer(tmp_path, "n", [sn.url], fetch=FetchConfig(lease_wait=2.0))
+        node = await start_node(tmp_path, "n", [sn.url], fetch=FetchConfig(lease_wait=2.0))
         try:
-            wants = _wants(tmp_path, [chunk(20_000) for _ in range(5)])
+            wants = wants_of(tmp_path, [chunk(20_000) for _ in range(5)])
             got = await asyncio.wait_for(node.fetcher.get_many(wants), 30)
             assert all(o.origin == "source" and o.error is None for o in got)
             m = node.metrics.source_fetches
@@ -242,10 +205,10 @@ def test_bulk_fetches_share_an_image_through_leases(tmp_path: Path) -> None:
 
     async def go() -> None:
         sn = await start_supernode(SupernodeConfig(listen=HostPort("127.0.0.1", 0)))
-        nodes = [await _peer(tmp_path, name, [sn.url], fetch=FetchConfig(lookup_timeout=5.0))
+        nodes = [await start_node(tmp_path, name, [sn.url], fetch=FetchConfig(lookup_timeout=5.0))
                  for name in ("a", "b", "c")]
         try:
-            wants = _wants(tmp_path, [chunk(30_000) for _ in range(40)])
+            wants = wants_of(tmp_path, [chunk(30_000) for _ in range(40)])
             results = await asyncio.wait_for(asyncio.gather(
                 *(n.fetcher.get_many(wants, bulk=True) for n in nodes)), 60)
             for node, outcomes in zip(nodes, results, strict=True):
@@ -287,13 +250,13 @@ def test_a_slow_but_moving_peer_is_not_timed_out(tmp_path: Path, rate: int, size
     they held was fetched from the registry again."""
     async def go() -> None:
         sn = await start_supernode(SupernodeConfig(listen=HostPort("127.0.0.1", 0)))
-        slow = await _peer(tmp_path, "slow", [sn.url], upload=UploadConfig(rate=rate))
-        req = await _peer(tmp_path, "req", [sn.url],
+        slow = await start_node(tmp_path, "slow", [sn.url], upload=UploadConfig(rate=rate))
+        req = await start_node(tmp_path, "req", [sn.url],
                           fetch=FetchConfig(lookup_timeout=5.0, peer_timeout=peer_timeout,
                                             hedge_after=60.0))
         try:
-            wants = _wants(tmp_path, [chunk(n) for n in sizes])
-            await _seeded(sn, wants, slow)
+            wants = wants_of(tmp_path, [chunk(n) for n in sizes])
+            await seeded(sn, wants, slow)
             for w in wants:  # strip the source: only the slow peer can serve now
                 (tmp_path / "blobs" / w.blob).unlink(missing_ok=True)
             t0 = time.monotonic()
@@ -317,8 +280,8 @@ def test_a_source_fetch_longer_than_its_lease_keeps_it(tmp_path: Path) -> None:
     async def go() -> None:
         sn = await start_supernode(SupernodeConfig(listen=HostPort("127.0.0.1", 0),
                                                    leases=LeaseConfig(ttl=0.6)))
-        a = await _peer(tmp_path, "a", [sn.url], fetch=FetchConfig(lookup_timeout=5.0))
-        b = await _peer(tmp_path, "b", [sn.url], fetch=FetchConfig(lookup_timeout=5.0))
+        a = await start_node(tmp_path, "a", [sn.url], fetch=FetchConfig(lookup_timeout=5.0))
+        b = await start_node(tmp_path, "b", [sn.url], fetch=FetchConfig(lookup_timeout=5.0))
         try:
             assert a.swarm is not None and b.swarm is not None
             for _ in range(250):
@@ -326,17 +289,17 @@ def test_a_source_fetch_longer_than_its_lease_keeps_it(tmp_path: Path) -> None:
                     break
                 await asyncio.sleep(0.02)
             assert a.swarm.lease_ttl == pytest.approx(0.6)  # the supernode said
-            wants = _wants(tmp_path, [chunk(50_000)])
+            wants = wants_of(tmp_path, [chunk(50_000)])
             (w,) = wants
             assert w.source is not None
             backend = a.sources.backend(w.source)
-            read_many = backend.read_many
+            stream_many = backend.stream_many
 
-            async def slow_read(reqs: Any) -> list[bytes]:  # a slow source link
+            async def slow_read(reqs: Any, sink: Any) -> None:  # a slow source link
                 await asyncio.sleep(2.5)
-                return await read_many(reqs)
+                await stream_many(reqs, sink)
 
-            backend.read_many = slow_read  # type: ignore[method-assign,assignment]
+            backend.stream_many = slow_read  # type: ignore[method-assign,assignment]
             fetch = asyncio.create_task(a.fetcher.get_many(wants))
             await asyncio.sleep(1.8)  # three lease lifetimes into the source read
             found = await b.swarm.lookup([w.digest], {w.digest: w.size}, expect=False)
@@ -360,24 +323,24 @@ def test_tiny_chunks_come_from_the_source_in_few_big_reads(tmp_path: Path) -> No
     went idle for seconds while each node read 64-chunk pieces a few at a time."""
     async def go() -> None:
         sn = await start_supernode(SupernodeConfig(listen=HostPort("127.0.0.1", 0)))
-        a = await _peer(tmp_path, "a", [sn.url], fetch=FetchConfig(lookup_timeout=5.0))
+        a = await start_node(tmp_path, "a", [sn.url], fetch=FetchConfig(lookup_timeout=5.0))
         try:
             assert a.swarm is not None
             for _ in range(250):
                 if a.swarm.connected:
                     break
                 await asyncio.sleep(0.02)
-            wants = _wants(tmp_path, [chunk(300) for _ in range(600)])
+            wants = wants_of(tmp_path, [chunk(300) for _ in range(600)])
             assert wants[0].source is not None
             backend = a.sources.backend(wants[0].source)
-            read_many = backend.read_many
+            stream_many = backend.stream_many
             reads: list[int] = []
 
-            async def counted(reqs: Any) -> list[bytes]:
+            async def counted(reqs: Any, sink: Any) -> None:
                 reads.append(len(reqs))
-                return await read_many(reqs)
+                await stream_many(reqs, sink)
 
-            backend.read_many = counted  # type: ignore[method-assign,assignment]
+            backend.stream_many = counted  # type: ignore[method-assign,assignment]
             got = await asyncio.wait_for(a.fetcher.get_many(wants, bulk=True), 30)
             assert all(o.origin == "source" and o.error is None for o in got)
             assert sum(reads) == 600 and len(reads) <= 3, reads
@@ -401,13 +364,13 @@ def test_only_chunks_on_their_way_count_as_fetching(
 
     async def go() -> None:
         sn = await start_supernode(SupernodeConfig(listen=HostPort("127.0.0.1", 0)))
-        slow = await _peer(tmp_path, "slow", [sn.url], upload=UploadConfig(rate=16 << 10))
-        req = await _peer(tmp_path, "req", [sn.url],
+        slow = await start_node(tmp_path, "slow", [sn.url], upload=UploadConfig(rate=16 << 10))
+        req = await start_node(tmp_path, "req", [sn.url],
                           fetch=FetchConfig(lookup_timeout=5.0, peer_timeout=60.0))
         try:
             # 40 kB at 16 KiB/s after a second's burst: each chunk takes about 2 s
-            wants = _wants(tmp_path, [chunk(40_000) for _ in range(3)])
-            await _seeded(sn, wants, slow)
+            wants = wants_of(tmp_path, [chunk(40_000) for _ in range(3)])
+            await seeded(sn, wants, slow)
             (tmp_path / "blobs" / wants[0].blob).unlink()  # only the slow peer has them
             first, last = wants[0].digest, wants[-1].digest
             task = asyncio.create_task(req.fetcher.get_many(wants, bulk=True))
@@ -436,14 +399,14 @@ async def _slow_holder_first(tmp: Path, *, size: int, rate: int, hedge_after: fl
     requester, a holder uploading at ``rate`` in its zone (so the supernode ranks it first,
     every time) and another holder in another zone. Yields (requester, other holder, want)."""
     sn = await start_supernode(SupernodeConfig(listen=HostPort("127.0.0.1", 0)))
-    slow = await _peer(tmp, "slow", [sn.url], upload=UploadConfig(rate=rate), zone="z1")
-    other = await _peer(tmp, "other", [sn.url], zone="z2")
-    req = await _peer(tmp, "req", [sn.url], zone="z1",
+    slow = await start_node(tmp, "slow", [sn.url], upload=UploadConfig(rate=rate), zone="z1")
+    other = await start_node(tmp, "other", [sn.url], zone="z2")
+    req = await start_node(tmp, "req", [sn.url], zone="z1",
                       fetch=FetchConfig(lookup_timeout=5.0, hedge_after=hedge_after,
                                         peer_timeout=60.0))
     try:
-        wants = _wants(tmp, [chunk(size)])
-        await _seeded(sn, wants, slow, other)
+        wants = wants_of(tmp, [chunk(size)])
+        await seeded(sn, wants, slow, other)
         (tmp / "blobs" / wants[0].blob).unlink()  # only peers can serve now
         yield req, other, wants[0]
     finally:

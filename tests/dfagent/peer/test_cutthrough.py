@@ -1,0 +1,231 @@
+"""Cut-through: a node passes a chunk on while it still arrives, and never an unverified whole.
+
+Agents are real (``start_peer``, upload servers on loopback TCP), and so is the supernode; the
+requester downstream is a plain aiohttp client reading the framed batch. The source is a
+localfs blob whose reads the test paces piece by piece (:class:`_GatedSource`): a slow
+registry link is what makes cut-through matter, and the test must know exactly which bytes
+have arrived when it looks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from dfagent.peer.agent import RunningPeer
+from dfagent.peer.config import FetchConfig, UploadConfig
+from dfagent.peer.fetcher import ChunkWant
+from dfagent.supernode.config import SupernodeConfig
+from dfagent.supernode.server import start_supernode
+from nydusfs.config import HostPort
+from nydusfs.format import chunkfile
+from nydusfs.storage.base import RangeRequest, Sink
+from nydusfs.storage.retry import CountingBackend
+
+from .helpers import Chunk, chunk, run, seeded, start_node, wants_of
+
+PIECE = 64 << 10
+
+
+class _GatedSource:
+    """The node's source for a blob, paced by the test: each ``PIECE`` of a range waits for a
+    go-ahead (``go.release()``). The bytes are the real blob's, the first one flipped when
+    ``corrupt``."""
+
+    def __init__(self, backend: CountingBackend, *, corrupt: bool = False) -> None:
+        self.backend = backend
+        self.corrupt = corrupt
+        self.go = asyncio.Semaphore(0)
+        backend.stream_many = self  # type: ignore[method-assign]
+
+    async def __call__(self, requests: Sequence[RangeRequest], sink: Sink) -> None:
+        datas = await self.backend.read_many(requests)
+        for i, data in enumerate(datas):
+            if self.corrupt:
+                data = bytes([data[0] ^ 1]) + data[1:]
+            for pos in range(0, len(data), PIECE):
+                await self.go.acquire()
+                sink(i, pos, data[pos:pos + PIECE])
+
+
+async def _arriving(node: RunningPeer, digest: str, at_least: int) -> None:
+    """Until ``at_least`` bytes of ``digest`` have arrived at ``node`` (bounded: 20 s)."""
+    for _ in range(1000):
+        a = node.fetcher.arrival(digest)
+        if a is not None and a.size >= at_least:
+            return
+        await asyncio.sleep(0.02)
+    pytest.fail(f"{at_least} bytes of the chunk did not arrive within 20 s")
+
+
+async def _frame(resp: aiohttp.ClientResponse, want: ChunkWant) -> int:
+    """Read a batch's frame header for ``want``; the chunk file's length."""
+    raw, status, length = chunkfile.parse_frame_header(
+        await asyncio.wait_for(resp.content.readexactly(chunkfile.FRAME_HEADER_SIZE), 10))
+    assert (raw.hex(), status) == (want.digest, chunkfile.FRAME_FOUND)
+    assert length == chunkfile.HEADER_SIZE + want.size
+    return length
+
+
+async def _nothing_more(resp: aiohttp.ClientResponse) -> None:
+    """No further byte comes while the chunk is unverified (a short look: a wrong server
+    that sent the last piece early would have it there at once)."""
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(resp.content.readexactly(1), 0.5)
+
+
+def _big(tmp: Path) -> tuple[Chunk, ChunkWant]:
+    c = chunk(300_000)  # incompressible: a raw payload of 5 PIECEs, the last one short
+    (w,) = wants_of(tmp, [c])
+    assert w.size == 300_000
+    return c, w
+
+
+def test_a_chunk_from_the_source_is_served_while_it_arrives(tmp_path: Path) -> None:
+    """A peer asking for a chunk this node is reading from the source gets its bytes as they
+    come off the source, all but the last piece, which follows only once the node has the
+    whole chunk verified; the requester ends up with exactly the chunk file."""
+    async def go() -> None:
+        node = await start_node(tmp_path, "a", [])
+        c, w = _big(tmp_path)
+        assert w.source is not None
+        gate = _GatedSource(node.sources.backend(w.source))
+        try:
+            fetch = asyncio.create_task(node.fetcher.get_many([w]))
+            for _ in range(4):
+                gate.go.release()
+            await _arriving(node, w.digest, chunkfile.HEADER_SIZE + 4 * PIECE)
+            async with aiohttp.ClientSession() as http, \
+                    http.post(f"{node.url}/chunks", json={"digests": [w.digest]}) as resp:
+                assert resp.status == 200
+                length = await _frame(resp, w)
+                first = await asyncio.wait_for(
+                    resp.content.readexactly(chunkfile.HEADER_SIZE + 4 * PIECE), 10)
+                assert not fetch.done() and w.digest not in node.store
+                await _nothing_more(resp)
+                gate.go.release()  # the last piece: the node verifies, then sends it
+                rest = await asyncio.wait_for(resp.content.readexactly(length - len(first)),
+                                              10)
+                assert first + rest == c.file
+                assert await resp.read() == b""  # and the batch ends
+            (o,) = await asyncio.wait_for(fetch, 10)
+            assert o.origin == "source" and o.error is None
+            assert node.metrics.uploads._value.get() == 1
+        finally:
+            await node.close()
+
+    run(go())
+
+
+def test_bad_source_bytes_cut_the_requester_off(tmp_path: Path) -> None:
+    """The source sends a corrupt chunk: the node finds out when its last byte is in, and the
+    peer reading it meanwhile is cut off mid-body: it never holds a complete chunk file the
+    node did not verify (it would verify it itself, and report this node as bad)."""
+    async def go() -> None:
+        node = await start_node(tmp_path, "a", [])
+        _, w = _big(tmp_path)
+        assert w.source is not None
+        gate = _GatedSource(node.sources.backend(w.source), corrupt=True)
+        try:
+            fetch = asyncio.create_task(node.fetcher.get_many([w]))
+            for _ in range(4):
+                gate.go.release()
+            await _arriving(node, w.digest, chunkfile.HEADER_SIZE + 4 * PIECE)
+            async with aiohttp.ClientSession() as http, \
+                    http.post(f"{node.url}/chunks", json={"digests": [w.digest]}) as resp:
+                length = await _frame(resp, w)
+                first = await asyncio.wait_for(
+                    resp.content.readexactly(chunkfile.HEADER_SIZE + 4 * PIECE), 10)
+                gate.go.release()
+                with pytest.raises((aiohttp.ClientError, asyncio.IncompleteReadError)):
+                    await asyncio.wait_for(resp.content.readexactly(length - len(first)), 10)
+            (o,) = await asyncio.wait_for(fetch, 10)
+            assert o.error is not None and o.error.code == "integrity"
+            assert w.digest not in node.store and node.fetcher.arrival(w.digest) is None
+            assert node.metrics.verification_failures.labels("source")._value.get() == 1
+        finally:
+            await node.close()
+
+    run(go())
+
+
+def test_a_chunk_from_a_peer_is_passed_on_while_it_arrives(tmp_path: Path) -> None:
+    """B fetches a chunk from A, whose uplink is slow; C, asking B meanwhile (the supernode
+    names B as expected to hold it), gets B's bytes as they come, long before B has the
+    chunk, and the whole chunk file in the end."""
+    async def go() -> None:
+        sn = await start_supernode(SupernodeConfig(listen=HostPort("127.0.0.1", 0)))
+        # 400 kB at 64 KiB/s after a second's burst: about 5 s from A
+        a = await start_node(tmp_path, "a", [sn.url], upload=UploadConfig(rate=64 << 10))
+        b = await start_node(tmp_path, "b", [sn.url],
+                             fetch=FetchConfig(lookup_timeout=5.0, peer_timeout=60.0,
+                                               hedge_after=60.0))
+        try:
+            c = chunk(400_000)
+            (w,) = wants_of(tmp_path, [c])
+            await seeded(sn, [w], a)
+            (tmp_path / "blobs" / w.blob).unlink()  # only A has it now
+            fetch = asyncio.create_task(b.fetcher.get_many([w]))
+            await _arriving(b, w.digest, 1)
+            async with aiohttp.ClientSession() as http, \
+                    http.post(f"{b.url}/chunks", json={"digests": [w.digest]}) as resp:
+                length = await _frame(resp, w)
+                first = await asyncio.wait_for(resp.content.readexactly(PIECE), 10)
+                assert not fetch.done() and w.digest not in b.store
+                rest = await asyncio.wait_for(resp.content.readexactly(length - PIECE), 30)
+                assert first + rest == c.file
+            (o,) = await asyncio.wait_for(fetch, 30)
+            assert o.origin == "peer" and o.error is None
+        finally:
+            for p in (b, a):
+                await p.close()
+            await sn.close()
+
+    run(go())
+
+
+def test_bad_bytes_from_upstream_are_not_passed_on_whole(tmp_path: Path) -> None:
+    """A serves a corrupt chunk file (slowly); B, receiving it, passes its bytes on to C but
+    not the last piece: B's verification fails, C is cut off, and B reports A."""
+    async def go() -> None:
+        sn = await start_supernode(SupernodeConfig(listen=HostPort("127.0.0.1", 0)))
+        a = await start_node(tmp_path, "a", [sn.url], upload=UploadConfig(rate=64 << 10))
+        b = await start_node(tmp_path, "b", [sn.url],
+                             fetch=FetchConfig(lookup_timeout=5.0, peer_timeout=60.0,
+                                               hedge_after=60.0, k=1))
+        try:
+            c = chunk(400_000)
+            (w,) = wants_of(tmp_path, [c])
+            bad = bytearray(c.file)
+            bad[-1] ^= 1  # the payload's last byte: the file still parses
+            await a.store.put(w.digest, bytes(bad))
+            assert a.swarm is not None
+            a.swarm.announce([w.digest])
+            for _ in range(500):  # bounded: 10 s until the supernode lists A
+                if (await sn.scheduler.lookup([w.digest], k=1)).chunks.get(w.digest):
+                    break
+                await asyncio.sleep(0.02)
+            (tmp_path / "blobs" / w.blob).unlink()  # only A has it, and A's copy is bad
+            fetch = asyncio.create_task(b.fetcher.get_many([w]))
+            await _arriving(b, w.digest, 1)
+            async with aiohttp.ClientSession() as http, \
+                    http.post(f"{b.url}/chunks", json={"digests": [w.digest]}) as resp:
+                length = await _frame(resp, w)
+                first = await asyncio.wait_for(resp.content.readexactly(PIECE), 10)
+                assert first == bytes(bad[:PIECE])
+                with pytest.raises((aiohttp.ClientError, asyncio.IncompleteReadError)):
+                    await asyncio.wait_for(resp.content.readexactly(length - PIECE), 30)
+            (o,) = await asyncio.wait_for(fetch, 30)
+            assert o.error is not None  # nobody else has it, and the source blob is gone
+            assert w.digest not in b.store
+            assert b.metrics.bad_peer_reports.labels("corrupt")._value.get() == 1
+        finally:
+            for p in (b, a):
+                await p.close()
+            await sn.close()
+
+    run(go())
