@@ -70,6 +70,21 @@ class Arrival:
         """The file's bytes so far, joined."""
         return self.pieces[0] if len(self.pieces) == 1 else b"".join(self.pieces)
 
+    def complete(self, data: bytes) -> None:
+        """The chunk landed here verified by another way (the other copy of a hedge, or a
+        retry after this copy's peer went away): readers get the rest from ``data``, if what
+        arrived so far is its beginning (peers hold the same chunk file for a digest, but one
+        stored from another image's blob may be encoded differently); else they are cut off."""
+        if self.ok is not None:
+            return
+        if len(data) != self.length or data[:self.size] != self.whole():
+            self.finish(False)
+            return
+        if self.size < self.length:
+            self.pieces.append(data[self.size:])
+            self.size = self.length
+        self.finish(True)
+
     def finish(self, ok: bool) -> None:
         """The chunk was verified (``ok``; only a complete file can be) or failed."""
         if self.ok is None:

@@ -729,6 +729,13 @@ class Fetcher:
         (other requests, and upload requests from peers that were pointed here)."""
         out[outcome.digest] = outcome
         self._arrived_at = time.monotonic()
+        a = self._arrivals.get(outcome.digest)
+        if a is not None and a.ok is None and outcome.data is not None:
+            # Another copy's arrival, read by peers (a hedge's slower copy, cancelled next):
+            # they get the rest from this one rather than being cut off, and reporting this
+            # healthy node.
+            a.complete(outcome.data)
+            self._gone(a)
         fut = self._inflight.get(outcome.digest)
         if fut is not None and not fut.done():
             fut.set_result(outcome)
@@ -985,7 +992,7 @@ class Fetcher:
             log.info("peer %s failed: %s", peer.id, exc)
             self._mark_bad(peer, "error", None if got_any else current)
         finally:
-            if arrival is not None:  # cut off mid-chunk, or the chunk was bad
+            if arrival is not None:  # cut off mid-chunk, or bad bytes: so are its readers
                 self._gone(arrival)
             self._on_way(digests, -1)
             n = self._asking.get(peer.id, 0) - len(digests)

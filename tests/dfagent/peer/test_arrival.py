@@ -101,3 +101,27 @@ def test_a_stalled_arrival_ends_its_readers() -> None:
         assert r.got == [b"abc"]
 
     run(go())
+
+
+def test_a_copy_that_landed_another_way_completes_the_readers() -> None:
+    """The chunk landed verified through another request (a hedge's faster copy) while
+    peers read this copy: they get the rest from that one, not a cut connection (which they
+    would report as this node's fault) — provided what they got is its beginning."""
+    async def go() -> None:
+        a = Arrival(DIGEST, 8)
+        r = _Reader(a)
+        a.feed(0, b"abc")
+        await _turns()
+        a.complete(b"abcdefgh")
+        await asyncio.wait_for(r.task, 5)
+        assert b"".join(r.got) == b"abcdefgh" and a.ok is True
+        other = Arrival(DIGEST, 8)  # a differently encoded copy of the same chunk
+        r2 = _Reader(other)
+        other.feed(0, b"abX")
+        await _turns()
+        other.complete(b"abcdefgh")
+        with pytest.raises(ArrivalFailed):
+            await asyncio.wait_for(r2.task, 5)
+        assert b"".join(r2.got) == b"abX" and other.ok is False
+
+    run(go())
