@@ -29,8 +29,10 @@
    ``PEER_BATCH_BYTES`` of them, so it ends in a predictable time on a shared link whatever
    the chunk sizes.
 5. **Source**: what no peer delivered is read from its source location (nydusfs storage
-   backends, the node's credentials; neighbouring ranges of a blob are merged by the backend),
-   verified, stored.
+   backends, the node's credentials; neighbouring ranges of a blob are merged by the backend,
+   and streamed: ``stream_many``); each chunk is verified and stored as its last byte comes in.
+   Chunks on their way here, from the source or a peer, are readable by the upload server
+   meanwhile (cut-through: ``dfagent.peer.arrival``; the last piece only once verified).
 6. Stored chunks are **announced** (queued, sent in batches); chunks evicted to make room are
    withdrawn.
 
