@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -78,6 +79,23 @@ async def _nothing_more(resp: aiohttp.ClientResponse) -> None:
         await asyncio.wait_for(resp.content.readexactly(1), 0.5)
 
 
+def _ask(http: aiohttp.ClientSession, node: RunningPeer, want: ChunkWant,
+         batch: bool) -> Any:
+    """The request for ``want``: a batch of one (``POST /chunks``) or ``GET /chunks/{digest}``."""
+    if batch:
+        return http.post(f"{node.url}/chunks", json={"digests": [want.digest]})
+    return http.get(f"{node.url}/chunks/{want.digest}")
+
+
+async def _length(resp: aiohttp.ClientResponse, want: ChunkWant, batch: bool) -> int:
+    """The chunk file's length the response announces (a frame's, or Content-Length)."""
+    assert resp.status == 200
+    if batch:
+        return await _frame(resp, want)
+    assert resp.content_length == chunkfile.HEADER_SIZE + want.size
+    return resp.content_length
+
+
 def _big(tmp: Path) -> tuple[Chunk, ChunkWant]:
     c = chunk(300_000)  # incompressible: a raw payload of 5 PIECEs, the last one short
     (w,) = wants_of(tmp, [c])
@@ -85,7 +103,9 @@ def _big(tmp: Path) -> tuple[Chunk, ChunkWant]:
     return c, w
 
 
-def test_a_chunk_from_the_source_is_served_while_it_arrives(tmp_path: Path) -> None:
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "get"])
+def test_a_chunk_from_the_source_is_served_while_it_arrives(tmp_path: Path,
+                                                            batch: bool) -> None:
     """A peer asking for a chunk this node is reading from the source gets its bytes as they
     come off the source, all but the last piece, which follows only once the node has the
     whole chunk verified; the requester ends up with exactly the chunk file."""
@@ -99,10 +119,8 @@ def test_a_chunk_from_the_source_is_served_while_it_arrives(tmp_path: Path) -> N
             for _ in range(4):
                 gate.go.release()
             await _arriving(node, w.digest, chunkfile.HEADER_SIZE + 4 * PIECE)
-            async with aiohttp.ClientSession() as http, \
-                    http.post(f"{node.url}/chunks", json={"digests": [w.digest]}) as resp:
-                assert resp.status == 200
-                length = await _frame(resp, w)
+            async with aiohttp.ClientSession() as http, _ask(http, node, w, batch) as resp:
+                length = await _length(resp, w, batch)
                 first = await asyncio.wait_for(
                     resp.content.readexactly(chunkfile.HEADER_SIZE + 4 * PIECE), 10)
                 assert not fetch.done() and w.digest not in node.store
@@ -121,7 +139,8 @@ def test_a_chunk_from_the_source_is_served_while_it_arrives(tmp_path: Path) -> N
     run(go())
 
 
-def test_bad_source_bytes_cut_the_requester_off(tmp_path: Path) -> None:
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "get"])
+def test_bad_source_bytes_cut_the_requester_off(tmp_path: Path, batch: bool) -> None:
     """The source sends a corrupt chunk: the node finds out when its last byte is in, and the
     peer reading it meanwhile is cut off mid-body: it never holds a complete chunk file the
     node did not verify (it would verify it itself, and report this node as bad)."""
@@ -135,9 +154,8 @@ def test_bad_source_bytes_cut_the_requester_off(tmp_path: Path) -> None:
             for _ in range(4):
                 gate.go.release()
             await _arriving(node, w.digest, chunkfile.HEADER_SIZE + 4 * PIECE)
-            async with aiohttp.ClientSession() as http, \
-                    http.post(f"{node.url}/chunks", json={"digests": [w.digest]}) as resp:
-                length = await _frame(resp, w)
+            async with aiohttp.ClientSession() as http, _ask(http, node, w, batch) as resp:
+                length = await _length(resp, w, batch)
                 first = await asyncio.wait_for(
                     resp.content.readexactly(chunkfile.HEADER_SIZE + 4 * PIECE), 10)
                 gate.go.release()
