@@ -987,6 +987,9 @@ class Fetcher:
         except asyncio.IncompleteReadError:  # the peer went away mid-body
             self._mark_bad(peer, "error", current)
         except TimeoutError:
+            log.info("peer %s: nothing arrived for %g s (%d of %d chunks in, reading %s)",
+                     peer.id, limit, len(seen), len(digests),
+                     current[:12] if current is not None and current not in seen else "none")
             self._mark_bad(peer, "timeout", None)
         except aiohttp.ClientConnectorError:
             self._mark_bad(peer, "refused", None)

@@ -90,6 +90,10 @@ DOCKER_HUB_HOST = "registry-1.docker.io"
 MAX_ERROR_BODY = 64 << 10
 MAX_REDIRECTS = 10
 _READ_CHUNK = 256 << 10  # bytes per read from a response body
+# A response's bytes aiohttp buffers before it stops reading the socket (twice this). Blob
+# ranges streamed to the P2P agent are consumed between its other work; a bigger buffer keeps
+# the registry's TCP flow going while the event loop is busy, instead of closing its window.
+_READ_BUFSIZE = 1 << 20
 _FLUSH = 4 << 20  # download buffer written to disk (and hashed) in a worker thread at this size
 _FILE_CHUNK = 1 << 20  # bytes per read from a file being uploaded
 _MANIFEST_ACCEPT = ", ".join((*MANIFEST_TYPES, *INDEX_TYPES))
@@ -290,7 +294,7 @@ class RegistryClient:
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t),
                 headers={"User-Agent": f"nydusfs/{__version__}",
                          "Accept-Encoding": "identity"},
-                auto_decompress=False, trust_env=False)
+                auto_decompress=False, trust_env=False, read_bufsize=_READ_BUFSIZE)
         return self._session
 
     # -- validation of arguments ----------------------------------------------------------------
