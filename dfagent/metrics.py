@@ -195,9 +195,10 @@ class PeerMetrics:
                                          "Upload requests refused (reason: busy|unauthorized)",
                                          ["reason"], registry=r)
         self.cut_through = Counter("dfagent_peer_cut_through_total",
-                                   "Chunks served to other peers while still arriving here "
-                                   "(outcome: sent whole, or cut off when the chunk failed "
-                                   "on its way)", ["outcome"], registry=r)
+                                   "Chunks passed on while still arriving (outcome: sent "
+                                   "whole or cut off when the chunk failed or stalled on its "
+                                   "way here; lost: received cut off from a peer, asked "
+                                   "again elsewhere)", ["outcome"], registry=r)
         self.store_bytes = Gauge("dfagent_peer_store_bytes", "Bytes in the chunk store",
                                  registry=r)
         self.store_chunks = Gauge("dfagent_peer_store_chunks", "Chunks in the chunk store",
@@ -245,7 +246,7 @@ class PeerMetrics:
             self.upload_rejections.labels(reason)
         for reason in SOURCE_REASONS:
             self.source_fetches.labels(reason)
-        for outcome in ("sent", "cut"):
+        for outcome in ("sent", "cut", "lost"):
             self.cut_through.labels(outcome)
 
         self.delivered_by: dict[str, int] = dict.fromkeys(ORIGINS, 0)  # also for stats()

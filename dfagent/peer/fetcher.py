@@ -918,6 +918,7 @@ class Fetcher:
         got_any = False
         current: str | None = None
         arrival: Arrival | None = None  # the chunk being read, readable by peers meanwhile
+        streaming = False  # reading the body of a frame sent while it arrives at the peer
         seen: set[str] = set()
         self._asking[peer.id] = self._asking.get(peer.id, 0) + len(digests)
         self._on_way(digests, 1)
@@ -950,13 +951,16 @@ class Fetcher:
                         current = d
                         if d not in wants:
                             raise IntegrityError(f"peer sent chunk {d} that was not asked for")
-                        if status == chunkfile.FRAME_FOUND and d not in out:
+                        found = status in (chunkfile.FRAME_FOUND, chunkfile.FRAME_ARRIVING)
+                        if found and d not in out:
                             arrival = self._arrive(d, length)
+                        streaming = status == chunkfile.FRAME_ARRIVING
                         body = await _read_body(resp.content, length, progress, limit, mark,
                                                 arrival)
+                        streaming = False
                         got_any = True
                         seen.add(d)
-                        if status != chunkfile.FRAME_FOUND:
+                        if not found:
                             retry.add(d)  # not there (yet): it may be on its way to that peer
                             continue
                         if arrival is None:  # the other copy of a hedge won: nothing to check
@@ -984,18 +988,21 @@ class Fetcher:
             self.metrics.verification_failures.labels("peer").inc()
             log.warning("peer %s (%s) sent bad data: %s", peer.id, peer.address, exc)
             self._mark_bad(peer, "corrupt", current)
-        except asyncio.IncompleteReadError:  # the peer went away mid-body
-            self._mark_bad(peer, "error", current)
-        except TimeoutError:
-            log.info("peer %s: nothing arrived for %g s (%d of %d chunks in, reading %s)",
-                     peer.id, limit, len(seen), len(digests),
-                     current[:12] if current is not None and current not in seen else "none")
-            self._mark_bad(peer, "timeout", None)
-        except aiohttp.ClientConnectorError:
-            self._mark_bad(peer, "refused", None)
-        except (aiohttp.ClientError, OSError) as exc:
-            log.info("peer %s failed: %s", peer.id, exc)
-            self._mark_bad(peer, "error", None if got_any else current)
+        except (asyncio.IncompleteReadError, TimeoutError, aiohttp.ClientError,
+                OSError) as exc:
+            if streaming:
+                # The chunk failed, or stalled, on its way to the peer (its source or its own
+                # upstream), which cut the connection: not the peer's fault. What it did not
+                # send is asked again, of others first. Reporting it let a stalled registry
+                # read get healthy nodes quarantined in the fan-out (1.03x the image then
+                # came from the registry).
+                log.info("peer %s: chunk %s cut off on its way there (%s)", peer.id,
+                         (current or "?")[:12], type(exc).__name__)
+                self.metrics.cut_through.labels("lost").inc()
+                retry.update(d for d in digests if d not in seen)
+            else:
+                self._peer_failed(peer, exc, None if got_any else current, current,
+                                  f"{len(seen)} of {len(digests)} chunks in")
         finally:
             if arrival is not None:  # cut off mid-chunk, or bad bytes: so are its readers
                 self._gone(arrival)
@@ -1005,6 +1012,22 @@ class Fetcher:
                 self._asking[peer.id] = n
             else:
                 self._asking.pop(peer.id, None)
+
+    def _peer_failed(self, peer: PeerRef, exc: BaseException, blamed: str | None,
+                     current: str | None, progress: str) -> None:
+        """Report ``peer`` for a request that failed with ``exc`` (not a chunk cut off on its
+        way to the peer): gone mid-body, silent for ``fetch.peer_timeout``, refused, broken."""
+        if isinstance(exc, asyncio.IncompleteReadError):  # the peer went away mid-body
+            self._mark_bad(peer, "error", current)
+        elif isinstance(exc, TimeoutError):
+            log.info("peer %s: nothing arrived for %g s (%s, reading %s)", peer.id,
+                     self.config.peer_timeout, progress, (current or "none")[:12])
+            self._mark_bad(peer, "timeout", None)
+        elif isinstance(exc, aiohttp.ClientConnectorError):
+            self._mark_bad(peer, "refused", None)
+        else:
+            log.info("peer %s failed: %s", peer.id, exc)
+            self._mark_bad(peer, "error", blamed)
 
     async def _verify(self, body: bytes, digest: str, size: int) -> None:
         raw = bytes.fromhex(digest)

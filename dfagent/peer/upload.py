@@ -60,7 +60,11 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH = 256  # digests per batch request
 INFLIGHT_WAIT = 1.5  # seconds a request waits for chunks still on their way here (module doc)
-ARRIVAL_STALL = 30.0  # seconds a cut-through upload waits for the next piece of its chunk
+# Seconds a cut-through upload waits for the next piece of its chunk, then cuts the connection:
+# less than a requester's ``fetch.peer_timeout`` (10 s), so the requester sees a cut arriving
+# frame (and asks elsewhere) rather than timing out and reporting this node. A source read on a
+# congested link can stall for seconds (TCP retransmission back-off).
+ARRIVAL_STALL = 5.0
 WRITE_PIECE = 256 << 10  # bytes written (and paced) at a time
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -282,7 +286,7 @@ async def _get_batch(request: web.Request) -> web.StreamResponse:
             if d in later:
                 a = await _arriving(request, d, t0 + INFLIGHT_WAIT)
                 if a is not None:
-                    await resp.write(chunkfile.frame_header(raw, chunkfile.FRAME_FOUND,
+                    await resp.write(chunkfile.frame_header(raw, chunkfile.FRAME_ARRIVING,
                                                             a.length))
                     await _send_arrival(resp, a, slot)
                     continue

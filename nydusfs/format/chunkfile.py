@@ -24,7 +24,10 @@ sends bytes) is a sequence of frames, in request order, until the end of the bod
 
     offset  size  field
     0       32    digest           the digest this frame answers
-    32      1     status           0 = found (body is a chunk file), 1 = not found, 2 = error
+    32      1     status           0 = found (body is a chunk file), 1 = not found, 2 = error,
+                                   3 = arriving (a chunk file sent while it still arrives at
+                                   the sender; the body may end short: the connection is cut
+                                   if the chunk fails on its way there)
     33      4     length           body bytes that follow (little endian)
     37      n     body             a chunk file (status 0) or a UTF-8 message (1, 2)
 
@@ -44,6 +47,7 @@ from nydusfs.format.chunk import decode
 from nydusfs.format.layout import CHUNK_FLAG_ZSTD, MAX_CHUNK_SIZE
 
 __all__ = [
+    "FRAME_ARRIVING",
     "FRAME_ERROR",
     "FRAME_FOUND",
     "FRAME_HEADER_SIZE",
@@ -68,7 +72,7 @@ _HEADER = struct.Struct("<4sBBHII32s")
 HEADER_SIZE = _HEADER.size  # 48
 _FRAME = struct.Struct("<32sBI")
 FRAME_HEADER_SIZE = _FRAME.size  # 37
-FRAME_FOUND, FRAME_NOT_FOUND, FRAME_ERROR = 0, 1, 2
+FRAME_FOUND, FRAME_NOT_FOUND, FRAME_ERROR, FRAME_ARRIVING = 0, 1, 2, 3
 # A frame body is a chunk file or a short message; anything longer is hostile.
 MAX_FRAME_BODY = HEADER_SIZE + MAX_CHUNK_SIZE + (MAX_CHUNK_SIZE >> 4)
 
@@ -144,7 +148,7 @@ def unpack_verified(data: bytes | memoryview, digest: bytes,
 @dataclass(frozen=True, slots=True)
 class Frame:
     digest: bytes
-    status: int  # FRAME_FOUND | FRAME_NOT_FOUND | FRAME_ERROR
+    status: int  # FRAME_FOUND | FRAME_NOT_FOUND | FRAME_ERROR | FRAME_ARRIVING
     body: bytes | memoryview  # a chunk file (found) or a UTF-8 message
 
     @property
@@ -170,7 +174,8 @@ def parse_frame_header(header: bytes) -> tuple[bytes, int, int]:
     if len(header) != FRAME_HEADER_SIZE:
         raise IntegrityError("chunk batch: truncated frame header")
     digest, status, length = _FRAME.unpack(header)
-    if status not in (FRAME_FOUND, FRAME_NOT_FOUND, FRAME_ERROR) or length > MAX_FRAME_BODY:
+    if status not in (FRAME_FOUND, FRAME_NOT_FOUND, FRAME_ERROR, FRAME_ARRIVING) or \
+            length > MAX_FRAME_BODY:
         raise IntegrityError(f"chunk batch: bad frame (status {status}, length {length})")
     return digest, status, length
 

@@ -67,7 +67,7 @@ async def _frame(resp: aiohttp.ClientResponse, want: ChunkWant) -> int:
     """Read a batch's frame header for ``want``; the chunk file's length."""
     raw, status, length = chunkfile.parse_frame_header(
         await asyncio.wait_for(resp.content.readexactly(chunkfile.FRAME_HEADER_SIZE), 10))
-    assert (raw.hex(), status) == (want.digest, chunkfile.FRAME_FOUND)
+    assert (raw.hex(), status) == (want.digest, chunkfile.FRAME_ARRIVING)
     assert length == chunkfile.HEADER_SIZE + want.size
     return length
 
@@ -241,6 +241,52 @@ def test_bad_bytes_from_upstream_are_not_passed_on_whole(tmp_path: Path) -> None
             assert o.error is not None  # nobody else has it, and the source blob is gone
             assert w.digest not in b.store
             assert b.metrics.bad_peer_reports.labels("corrupt")._value.get() == 1
+        finally:
+            for p in (b, a):
+                await p.close()
+            await sn.close()
+
+    run(go())
+
+
+def test_a_requester_cut_off_by_a_failing_source_does_not_blame_the_peer(tmp_path: Path) -> None:
+    """B asks A for a chunk A is reading from the source under its lease; A passes it on while
+    it arrives (an *arriving* frame), then finds the source's bytes bad and cuts B off. B does
+    not report A (the chunk failed on its way to A, not A's fault: reports quarantine nodes),
+    and gets the chunk from the source itself in the end."""
+    async def go() -> None:
+        sn = await start_supernode(SupernodeConfig(listen=HostPort("127.0.0.1", 0)))
+        fetch = FetchConfig(lookup_timeout=5.0, peer_timeout=60.0, hedge_after=60.0,
+                            lease_wait=1.0)
+        a = await start_node(tmp_path, "a", [sn.url], fetch=fetch)
+        b = await start_node(tmp_path, "b", [sn.url], fetch=fetch)
+        try:
+            for _ in range(250):  # bounded: 5 s until both are registered
+                if a.swarm is not None and b.swarm is not None and a.swarm.connected and \
+                        b.swarm.connected:
+                    break
+                await asyncio.sleep(0.02)
+            c, w = _big(tmp_path)
+            assert w.source is not None
+            gate = _GatedSource(a.sources.backend(w.source), corrupt=True)
+            a_fetch = asyncio.create_task(a.fetcher.get_many([w]))
+            for _ in range(4):
+                gate.go.release()
+            await _arriving(a, w.digest, chunkfile.HEADER_SIZE + 4 * PIECE)
+            b_fetch = asyncio.create_task(b.fetcher.get_many([w]))
+            for _ in range(500):  # bounded: 10 s until B is reading it from A
+                if a.metrics.uploads_active._value.get() > 0:
+                    break
+                await asyncio.sleep(0.02)
+            gate.go.release()  # the bad last piece: A's verification fails, B is cut off
+            (oa,) = await asyncio.wait_for(a_fetch, 10)
+            assert oa.error is not None and oa.error.code == "integrity"
+            (ob,) = await asyncio.wait_for(b_fetch, 30)
+            assert ob.error is None and ob.data == c.file  # from the source, in the end
+            assert b.metrics.cut_through.labels("lost")._value.get() == 1
+            assert sum(b.metrics.bad_peer_reports.labels(r)._value.get()
+                       for r in ("corrupt", "timeout", "refused", "error")) == 0
+            assert a.metrics.cut_through.labels("cut")._value.get() == 1
         finally:
             for p in (b, a):
                 await p.close()
