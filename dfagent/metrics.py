@@ -250,12 +250,17 @@ class PeerMetrics:
             self.cut_through.labels(outcome)
 
         self.delivered_by: dict[str, int] = dict.fromkeys(ORIGINS, 0)  # also for stats()
+        # Per origin, the children ``delivered`` updates for every chunk (``labels`` looks
+        # them up under a lock each time).
+        self._by_origin = {o: (self.chunks.labels(o), self.bytes.labels(o),
+                               self.fetch_seconds.labels(o)) for o in ORIGINS}
 
     def delivered(self, origin: str, nbytes: int, seconds: float) -> None:
         self.delivered_by[origin] = self.delivered_by.get(origin, 0) + 1
-        self.chunks.labels(origin).inc()
-        self.bytes.labels(origin).inc(nbytes)
-        self.fetch_seconds.labels(origin).observe(seconds)
+        chunks, nbytes_c, latency = self._by_origin[origin]
+        chunks.inc()
+        nbytes_c.inc(nbytes)
+        latency.observe(seconds)
 
     def render(self, *, store_chunks: int, store_bytes: int) -> bytes:
         self.store_chunks.set(store_chunks)

@@ -87,6 +87,10 @@ class ChunkStore:
         self.quota = quota
         self._chunks = self.dir / "chunks"
         self._tmp = self.dir / "tmp"
+        # The same as strings: a chunk's path is built for every write and read, and pathlib's
+        # joins were ~4% of a busy peer's Python time in the fan-out.
+        self._chunks_prefix = f"{self._chunks}{os.sep}"
+        self._tmp_prefix = f"{self._tmp}{os.sep}{os.getpid()}-"
         self._index: OrderedDict[str, int] = OrderedDict()  # digest -> file size, LRU first
         self._total = 0
         self.counters = StoreStats()
@@ -174,9 +178,14 @@ class ChunkStore:
         return self.counters
 
     def path_of(self, digest: str) -> Path:
+        return Path(self._file(digest))
+
+    def _file(self, digest: str) -> str:
+        """The chunk file's path (``path_of``, as a string); ``ValueError`` for anything but a
+        chunk digest: the one way a digest becomes a file name."""
         if not check_digest(digest):
             raise ValueError(f"not a chunk digest: {digest!r}")
-        return self._chunks / digest[:2] / digest
+        return f"{self._chunks_prefix}{digest[:2]}{os.sep}{digest}"
 
     def touch(self, digest: str) -> bool:
         """Mark ``digest`` recently used; False when the store does not hold it."""
@@ -227,7 +236,7 @@ class ChunkStore:
         return data
 
     def _read_file(self, digest: str) -> bytes:
-        with open(self.path_of(digest), "rb") as f:
+        with open(self._file(digest), "rb") as f:
             return f.read(chunkfile.MAX_FRAME_BODY + 1)
 
     # -- changes --------------------------------------------------------------------------
@@ -238,7 +247,7 @@ class ChunkStore:
         A chunk bigger than the quota is not stored. Disk trouble is counted, not raised: the
         chunk was fetched and is delivered from memory anyway.
         """
-        path = self.path_of(digest)
+        path = self._file(digest)
         if digest in self._index:
             self._index.move_to_end(digest)
             return []
@@ -275,10 +284,10 @@ class ChunkStore:
         if data is not None:
             self._recent_bytes -= len(data)
 
-    def _write(self, path: Path, data: bytes) -> None:
+    def _write(self, path: str, data: bytes) -> None:
         # chunks/<xx>/ exists: open() made all 256. The agent is the only writer of tmp/
         # (one per data_dir), so pid + counter is unique.
-        tmp = os.path.join(self._tmp, f"{os.getpid()}-{next(self._tmp_names)}")
+        tmp = f"{self._tmp_prefix}{next(self._tmp_names)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             try:
@@ -312,7 +321,7 @@ class ChunkStore:
     def _unlink_many(self, digests: list[str]) -> None:
         for d in digests:
             with contextlib.suppress(OSError):
-                os.unlink(self.path_of(d))
+                os.unlink(self._file(d))
 
     def _forget(self, digest: str) -> None:
         size = self._index.pop(digest, None)
