@@ -943,7 +943,8 @@ class Fetcher:
                 async with self._http().post(f"{peer.address}/chunks",
                                              json={"digests": digests}) as resp:
                     if resp.status in (429, 503):
-                        raise _Busy
+                        await resp.content.read(4096)  # the short answer: the connection
+                        raise _Busy  # goes back to the pool (unread, aiohttp closes it)
                     if resp.status != 200:
                         log.info("peer %s answered HTTP %d", peer.id, resp.status)
                         return
@@ -1045,9 +1046,9 @@ class Fetcher:
     async def _verify(self, body: bytes, digest: str, size: int) -> None:
         raw = bytes.fromhex(digest)
         if size and size <= INLINE_VERIFY:
-            chunkfile.unpack_verified(body, raw, size or None)
+            chunkfile.check_verified(body, raw, size or None)
         else:
-            await asyncio.to_thread(chunkfile.unpack_verified, body, raw, size or None)
+            await asyncio.to_thread(chunkfile.check_verified, body, raw, size or None)
 
     async def _keep(self, digest: str, data: bytes) -> None:
         evicted = await self.store.put(digest, data)
@@ -1210,9 +1211,9 @@ class Fetcher:
         data = a.whole()
         try:
             if w.uncompressed_size <= INLINE_VERIFY:
-                chunkfile.unpack_verified(data, bytes.fromhex(d), w.uncompressed_size)
+                chunkfile.check_verified(data, bytes.fromhex(d), w.uncompressed_size)
             else:
-                await asyncio.to_thread(chunkfile.unpack_verified, data, bytes.fromhex(d),
+                await asyncio.to_thread(chunkfile.check_verified, data, bytes.fromhex(d),
                                         w.uncompressed_size)
         except (IntegrityError, ValueError) as exc:
             self._gone(a)

@@ -71,6 +71,21 @@ def decode(
     Raises ``IntegrityError`` for anything that does not yield exactly the bytes named by
     ``digest``: an undecodable frame, a wrong size, a digest mismatch. Never returns wrong bytes.
     """
+    data = _checked(payload, flags, uncompressed_size, digest)
+    return data if isinstance(data, bytes) else bytes(data)
+
+
+def verify(payload: bytes | memoryview, flags: int, uncompressed_size: int,
+           digest: bytes) -> None:
+    """:func:`decode`'s checks without its result: a raw payload is hashed where it lies, not
+    copied first (a 1 MiB copy per chunk was ~3% of a busy P2P peer's Python time, which only
+    verifies what it stores and passes on)."""
+    _checked(payload, flags, uncompressed_size, digest)
+
+
+def _checked(payload: bytes | memoryview, flags: int, uncompressed_size: int,
+             digest: bytes) -> bytes | memoryview:
+    """The decoded chunk, verified (a raw payload as given: a view stays a view)."""
     if not 0 <= uncompressed_size <= MAX_CHUNK_SIZE:
         raise IntegrityError(f"chunk {digest.hex()}: size {uncompressed_size} exceeds the limit")
     if flags & CHUNK_FLAG_ZSTD:
@@ -87,6 +102,7 @@ def decode(
                 f"chunk {digest.hex()}: frame declares {declared} bytes, "
                 f"expected {uncompressed_size}"
             )
+        data: bytes | memoryview
         try:
             # (max_output_size=0 would mean "unlimited": an empty chunk is not decompressed.)
             data = (_decompressor().decompress(payload, max_output_size=uncompressed_size)
@@ -94,7 +110,7 @@ def decode(
         except zstandard.ZstdError as exc:
             raise IntegrityError(f"chunk {digest.hex()}: bad zstd frame: {exc}") from exc
     else:
-        data = bytes(payload)
+        data = payload
     if len(data) != uncompressed_size:
         raise IntegrityError(
             f"chunk {digest.hex()}: decoded {len(data)} bytes, expected {uncompressed_size}"

@@ -43,7 +43,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from nydusfs.errors import IntegrityError
-from nydusfs.format.chunk import decode
+from nydusfs.format.chunk import decode, verify
 from nydusfs.format.layout import CHUNK_FLAG_ZSTD, MAX_CHUNK_SIZE
 
 __all__ = [
@@ -56,6 +56,7 @@ __all__ = [
     "MAGIC",
     "ChunkFile",
     "Frame",
+    "check_verified",
     "frame_header",
     "header",
     "iter_frames",
@@ -138,11 +139,25 @@ def unpack_verified(data: bytes | memoryview, digest: bytes,
     for, not the one in the file), and its size against ``uncompressed_size`` when given.
     Never returns wrong bytes.
     """
+    cf = _unpack_sized(data, digest, uncompressed_size)
+    return decode(cf.payload, cf.flags, cf.uncompressed_size, digest)
+
+
+def check_verified(data: bytes | memoryview, digest: bytes,
+                   uncompressed_size: int | None = None) -> None:
+    """:func:`unpack_verified` for a receiver that keeps the chunk file, not the decoded
+    chunk: the same checks, no copy of a raw payload (``format.chunk.verify``)."""
+    cf = _unpack_sized(data, digest, uncompressed_size)
+    verify(cf.payload, cf.flags, cf.uncompressed_size, digest)
+
+
+def _unpack_sized(data: bytes | memoryview, digest: bytes,
+                  uncompressed_size: int | None) -> ChunkFile:
     cf = unpack(data, digest)
     if uncompressed_size is not None and cf.uncompressed_size != uncompressed_size:
         raise IntegrityError(f"{digest.hex()}: chunk file says {cf.uncompressed_size} bytes, "
                              f"expected {uncompressed_size}")
-    return decode(cf.payload, cf.flags, cf.uncompressed_size, digest)
+    return cf
 
 
 @dataclass(frozen=True, slots=True)

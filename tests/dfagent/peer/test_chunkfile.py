@@ -10,19 +10,21 @@ from nydusfs.format import chunkfile
 from .helpers import chunk
 
 
-@pytest.mark.parametrize("compressible", [True, False])
+@pytest.mark.parametrize("compressible", [True, False], ids=["zstd", "raw"])
 def test_roundtrip_and_verification(compressible: bool) -> None:
     c = chunk(70_000, compressible=compressible)
     raw = bytes.fromhex(c.digest)
     data = c.file
     assert len(data) == chunkfile.HEADER_SIZE + len(c.payload)
     assert chunkfile.unpack_verified(data, raw, len(c.data)) == c.data
+    chunkfile.check_verified(memoryview(data), raw, len(c.data))  # the same checks, no result
     cf = chunkfile.unpack(data)
     assert (cf.flags, cf.uncompressed_size, cf.digest) == (c.flags, len(c.data), raw)
 
 
-def test_every_kind_of_damage_is_an_integrity_error() -> None:
-    c = chunk(5000, compressible=True)
+@pytest.mark.parametrize("compressible", [True, False], ids=["zstd", "raw"])
+def test_every_kind_of_damage_is_an_integrity_error(compressible: bool) -> None:
+    c = chunk(5000, compressible=compressible)
     raw = bytes.fromhex(c.digest)
     good = c.file
     other = chunk(100)
@@ -38,8 +40,11 @@ def test_every_kind_of_damage_is_an_integrity_error() -> None:
     for data in bad:
         with pytest.raises(IntegrityError):
             chunkfile.unpack_verified(data, raw)
-    with pytest.raises(IntegrityError):
-        chunkfile.unpack_verified(good, raw, len(c.data) + 1)  # not the size asked for
+        with pytest.raises(IntegrityError):
+            chunkfile.check_verified(memoryview(data), raw)
+    for check in (chunkfile.unpack_verified, chunkfile.check_verified):
+        with pytest.raises(IntegrityError):
+            check(good, raw, len(c.data) + 1)  # not the size asked for
 
 
 def test_frames() -> None:
