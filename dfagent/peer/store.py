@@ -32,13 +32,13 @@ Contracts:
 * Restart: :meth:`open` rebuilds the index from the directory (dropping files whose header
   does not check out and stale temp files) and returns every digest, which the agent announces.
 
-Index changes happen on the event loop only. Disk I/O of files up to ``INLINE_IO`` bytes (4 MiB:
-every chunk of the usual 1 MiB chunk size) runs on the event loop, bigger ones in worker
-threads: handing each chunk to a thread cost more than the write itself (thread switches,
-futures: about a fifth of a busy peer's CPU in the fan-out benchmark for small chunks; for
-1 MiB ones ``ThreadPoolExecutor.submit`` was the top Python line of a busy peer's profile, and
-writing them on the loop took the fan-out from 45 to 41 CPU-s, medians of 3 interleaved
-runs). A 1 MiB write into the page cache holds the loop well under a millisecond.
+Index changes happen on the event loop only. Disk I/O of files up to ``INLINE_IO`` bytes runs
+on the event loop, bigger ones in worker threads: most chunks of an image are small (files of
+a few KiB), and handing each to a thread cost more than the write or read itself (thread
+switches, futures: about a fifth of a busy peer's CPU in the fan-out benchmark). Bigger ones
+stay off the loop even though that costs CPU too (1 MiB chunks were written on the loop for a
+while: less CPU, but a disk that stalls — a VM's, network block storage — then freezes every
+upload and fetch of the node, and in fan-out runs requesters timed out on such nodes).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class StoreStats:
     errors: int = 0  # writes that failed (disk full, permissions)
 
 
-INLINE_IO = 4 << 20  # bytes: files up to this size are read and written on the event loop
+INLINE_IO = 256 << 10  # bytes: files up to this size are read and written on the event loop
 
 
 class ChunkStore:
