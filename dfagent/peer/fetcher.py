@@ -976,6 +976,10 @@ class Fetcher:
                             self.metrics.duplicate_bytes.inc(len(body))
                             continue
                         w = wants[d]
+                        # This node's own work (verifying, storing: a thread, a disk) is not
+                        # the peer's time: the progress timeout waits meanwhile. Counted, a
+                        # backed-up disk made requesters report healthy peers as timed out.
+                        progress.reschedule(None)
                         await self._verify(body, d, w.uncompressed_size)
                         arrival.finish(True)  # peers reading it get its last piece now
                         try:
@@ -989,6 +993,7 @@ class Fetcher:
                         finally:
                             self._gone(arrival)
                             arrival = None
+                        progress.reschedule(asyncio.get_running_loop().time() + limit)
                     # The end of the body (the chunked encoding's last chunk): read, the
                     # connection goes back to the pool; unread, aiohttp closes it, and a new
                     # TCP connection per request was ~5% of a busy peer's Python time. (More

@@ -458,3 +458,36 @@ def test_bulk_end_game_hedges_a_stalled_request(tmp_path: Path) -> None:
             assert req.fetcher._bulk_bytes == 0
 
     run(go())
+
+
+def test_a_slow_local_disk_is_not_the_peers_timeout(tmp_path: Path) -> None:
+    """The requester's own store is slow (a backed-up disk: each write takes longer than
+    ``fetch.peer_timeout``) while the peer sends promptly: the peer is not reported as timed
+    out, and every chunk arrives from it. The timeout measures the peer's progress; counting
+    this node's own work in it got healthy peers reported and quarantined."""
+    async def go() -> None:
+        sn = await start_supernode(SupernodeConfig(listen=HostPort("127.0.0.1", 0)))
+        holder = await start_node(tmp_path, "holder", [sn.url])
+        req = await start_node(tmp_path, "req", [sn.url],
+                               fetch=FetchConfig(lookup_timeout=5.0, peer_timeout=0.5,
+                                                 hedge_after=30.0))
+        try:
+            wants = wants_of(tmp_path, [chunk(30_000) for _ in range(3)])
+            await seeded(sn, wants, holder)
+            (tmp_path / "blobs" / wants[0].blob).unlink()  # only the holder has them
+            put = req.store.put
+
+            async def slow_put(digest: str, data: bytes) -> list[str]:
+                await asyncio.sleep(0.8)  # longer than peer_timeout
+                return await put(digest, data)
+
+            req.store.put = slow_put  # type: ignore[method-assign]
+            got = await asyncio.wait_for(req.fetcher.get_many(wants), 30)
+            assert all(o.origin == "peer" and o.error is None for o in got)
+            assert req.metrics.bad_peer_reports.labels("timeout")._value.get() == 0
+        finally:
+            for p in (req, holder):
+                await p.close()
+            await sn.close()
+
+    run(go())
