@@ -154,6 +154,16 @@ def fanout_section(r: dict[str, Any] | None, number: int,
             "and every peer is a Python process, so with many nodes on one small machine CPU, "
             "not the links, can be what limits completion.",
         ]
+        cores = r["machine"].get("nproc") or 2
+        gaps = [s["seconds"] - s["cpu_s"] / cores for s in p2p]
+        out += [
+            "",
+            f"CPU-bound here: in every P2P sample, completion came within "
+            f"{min(gaps):.1f} to {max(gaps):.1f} s of the machine's CPU time ÷ its {cores} "
+            f"cores (the shortest the run could take with both cores busy throughout: median "
+            f"{median([s['cpu_s'] / cores for s in p2p]):.1f} s, "
+            f"{median([s['cpu_s'] / cores for s in p2p]) / lb:.2f}x the bound by itself).",
+        ]
         s = sorted(p2p, key=lambda x: x["seconds"])[len(p2p) // 2]  # the median sample
         out += _why_source(s)
         out += _timeline(s, r["params"]["rate_bytes"], r["samples"])
