@@ -100,8 +100,8 @@ class Arrival:
             self.finish(False)
             return
         if self.size < self.length:
+            self.pieces.append(data[self.size - len(self._tail):])  # the tail was unseen
             self._tail.clear()
-            self.pieces.append(data[sum(map(len, self.pieces)):])
             self.size = self.length
         self.finish(True)
 

@@ -981,18 +981,12 @@ class Fetcher:
                         # backed-up disk made requesters report healthy peers as timed out.
                         progress.reschedule(None)
                         await self._verify(body, d, w.uncompressed_size)
-                        arrival.finish(True)  # peers reading it get its last piece now
-                        try:
-                            if d in out:  # the other copy of a hedge won meanwhile
-                                self.metrics.duplicate_bytes.inc(len(body))
-                            else:
-                                self.metrics.delivered("peer", len(body),
-                                                       time.monotonic() - t0)
-                                await self._keep(d, body)
-                                self._settle(Outcome(d, origin="peer", data=body), out)
-                        finally:
-                            self._gone(arrival)
-                            arrival = None
+                        if d in out:  # the other copy of a hedge won meanwhile
+                            self.metrics.duplicate_bytes.inc(len(body))
+                            self._gone(arrival, True)  # (its readers get the last piece)
+                        else:
+                            await self._accept(arrival, body, "peer", out, t0)
+                        arrival = None
                         progress.reschedule(asyncio.get_running_loop().time() + limit)
                     # The end of the body (the chunked encoding's last chunk): read, the
                     # connection goes back to the pool; unread, aiohttp closes it, and a new
@@ -1215,20 +1209,22 @@ class Fetcher:
         d = w.digest
         data = a.whole()
         try:
-            if w.uncompressed_size <= INLINE_VERIFY:
-                chunkfile.check_verified(data, bytes.fromhex(d), w.uncompressed_size)
-            else:
-                await asyncio.to_thread(chunkfile.check_verified, data, bytes.fromhex(d),
-                                        w.uncompressed_size)
+            await self._verify(data, d, w.uncompressed_size)
         except (IntegrityError, ValueError) as exc:
             self._gone(a)
             self.metrics.verification_failures.labels("source").inc()
             out[d] = Outcome(d, error=FetchError(f"{loc.describe()}: {exc}", code="integrity"))
             return
-        a.finish(True)  # peers reading it get its last piece now
+        await self._accept(a, data, "source", out, t0)
+
+    async def _accept(self, a: Arrival, data: bytes, origin: str, out: dict[str, Outcome],
+                      t0: float) -> None:
+        """``a``'s chunk file ``data``, verified: its readers get the last piece, and it is
+        stored, announced and delivered (from ``origin``)."""
+        a.finish(True)
         try:
-            self.metrics.delivered("source", len(data), time.monotonic() - t0)
-            await self._keep(d, data)
-            self._settle(Outcome(d, origin="source", data=data), out)
+            self.metrics.delivered(origin, len(data), time.monotonic() - t0)
+            await self._keep(a.digest, data)
+            self._settle(Outcome(a.digest, origin=origin, data=data), out)
         finally:
             self._gone(a, True)

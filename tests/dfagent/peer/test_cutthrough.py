@@ -10,7 +10,8 @@ have arrived when it looks.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import pytest
 
 from dfagent.peer.agent import RunningPeer
 from dfagent.peer.config import FetchConfig, UploadConfig
-from dfagent.peer.fetcher import ChunkWant
+from dfagent.peer.fetcher import ChunkWant, Outcome
 from dfagent.supernode.config import SupernodeConfig
 from dfagent.supernode.server import start_supernode
 from nydusfs.config import HostPort
@@ -103,6 +104,30 @@ def _big(tmp: Path) -> tuple[Chunk, ChunkWant]:
     return c, w
 
 
+async def _all_but_the_last(node: RunningPeer, w: ChunkWant, gate: _GatedSource) -> None:
+    """Let four of the chunk's five pieces through ``gate``; return once ``node`` has them."""
+    for _ in range(4):
+        gate.go.release()
+    await _arriving(node, w.digest, chunkfile.HEADER_SIZE + 4 * PIECE)
+
+
+@contextlib.asynccontextmanager
+async def _source_fetch(tmp: Path, *, corrupt: bool = False) -> AsyncIterator[
+        tuple[RunningPeer, Chunk, ChunkWant, _GatedSource, asyncio.Task[list[Outcome]]]]:
+    """A node (no supernode) fetching :func:`_big`'s chunk through a gated source, four of
+    its five pieces in: (node, chunk, want, gate, the fetch)."""
+    node = await start_node(tmp, "a", [])
+    try:
+        c, w = _big(tmp)
+        assert w.source is not None
+        gate = _GatedSource(node.sources.backend(w.source), corrupt=corrupt)
+        fetch = asyncio.create_task(node.fetcher.get_many([w]))
+        await _all_but_the_last(node, w, gate)
+        yield node, c, w, gate, fetch
+    finally:
+        await node.close()
+
+
 @pytest.mark.parametrize("batch", [True, False], ids=["batch", "get"])
 def test_a_chunk_from_the_source_is_served_while_it_arrives(tmp_path: Path,
                                                             batch: bool) -> None:
@@ -110,15 +135,7 @@ def test_a_chunk_from_the_source_is_served_while_it_arrives(tmp_path: Path,
     come off the source, all but the last piece, which follows only once the node has the
     whole chunk verified; the requester ends up with exactly the chunk file."""
     async def go() -> None:
-        node = await start_node(tmp_path, "a", [])
-        c, w = _big(tmp_path)
-        assert w.source is not None
-        gate = _GatedSource(node.sources.backend(w.source))
-        try:
-            fetch = asyncio.create_task(node.fetcher.get_many([w]))
-            for _ in range(4):
-                gate.go.release()
-            await _arriving(node, w.digest, chunkfile.HEADER_SIZE + 4 * PIECE)
+        async with _source_fetch(tmp_path) as (node, c, w, gate, fetch):
             async with aiohttp.ClientSession() as http, _ask(http, node, w, batch) as resp:
                 length = await _length(resp, w, batch)
                 first = await asyncio.wait_for(
@@ -133,8 +150,6 @@ def test_a_chunk_from_the_source_is_served_while_it_arrives(tmp_path: Path,
             (o,) = await asyncio.wait_for(fetch, 10)
             assert o.origin == "source" and o.error is None
             assert node.metrics.uploads._value.get() == 1
-        finally:
-            await node.close()
 
     run(go())
 
@@ -145,15 +160,7 @@ def test_bad_source_bytes_cut_the_requester_off(tmp_path: Path, batch: bool) -> 
     peer reading it meanwhile is cut off mid-body: it never holds a complete chunk file the
     node did not verify (it would verify it itself, and report this node as bad)."""
     async def go() -> None:
-        node = await start_node(tmp_path, "a", [])
-        _, w = _big(tmp_path)
-        assert w.source is not None
-        gate = _GatedSource(node.sources.backend(w.source), corrupt=True)
-        try:
-            fetch = asyncio.create_task(node.fetcher.get_many([w]))
-            for _ in range(4):
-                gate.go.release()
-            await _arriving(node, w.digest, chunkfile.HEADER_SIZE + 4 * PIECE)
+        async with _source_fetch(tmp_path, corrupt=True) as (node, _, w, gate, fetch):
             async with aiohttp.ClientSession() as http, _ask(http, node, w, batch) as resp:
                 length = await _length(resp, w, batch)
                 first = await asyncio.wait_for(
@@ -165,8 +172,6 @@ def test_bad_source_bytes_cut_the_requester_off(tmp_path: Path, batch: bool) -> 
             assert o.error is not None and o.error.code == "integrity"
             assert w.digest not in node.store and node.fetcher.arrival(w.digest) is None
             assert node.metrics.verification_failures.labels("source")._value.get() == 1
-        finally:
-            await node.close()
 
     run(go())
 
@@ -270,9 +275,7 @@ def test_a_requester_cut_off_by_a_failing_source_does_not_blame_the_peer(tmp_pat
             assert w.source is not None
             gate = _GatedSource(a.sources.backend(w.source), corrupt=True)
             a_fetch = asyncio.create_task(a.fetcher.get_many([w]))
-            for _ in range(4):
-                gate.go.release()
-            await _arriving(a, w.digest, chunkfile.HEADER_SIZE + 4 * PIECE)
+            await _all_but_the_last(a, w, gate)
             b_fetch = asyncio.create_task(b.fetcher.get_many([w]))
             for _ in range(500):  # bounded: 10 s until B is reading it from A
                 if a.metrics.uploads_active._value.get() > 0:
