@@ -81,7 +81,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import aiohttp
@@ -137,12 +137,21 @@ class ChunkWant:
 @dataclass(slots=True)
 class Outcome:
     """What became of one wanted chunk. ``data`` is the chunk file when it was just fetched
-    (so it can be delivered without reading the store back)."""
+    (so it can be delivered without reading the store back), except in a bulk fetch
+    (:class:`_Lean`)."""
 
     digest: str
     origin: str | None = None  # local | peer | source; None: failed
     data: bytes | None = None
     error: FetchError | None = None
+
+
+class _Lean(dict[str, Outcome]):
+    """A bulk fetch's outcomes, recorded without the chunk bytes. Its callers read nothing
+    (prefetch, preheat), and a request of up to 1024 chunks would otherwise hold every chunk
+    that landed until its last one did: agents in an 8-node fan-out grew to ~230 MiB of
+    anonymous memory, each fresh page costing a fault (docs/benchmarks.md, section 8). A
+    caller that wants the bytes of a chunk a bulk fetch brought reads the store."""
 
 
 class Tracker(Protocol):
@@ -402,7 +411,7 @@ class Fetcher:
 
     async def _bulk(self, todo: dict[str, ChunkWant], t0: float) -> dict[str, Outcome]:
         """The pipelined fetch of many chunks (module docstring, "Bulk")."""
-        out: dict[str, Outcome] = {}
+        out: dict[str, Outcome] = _Lean()
         tracker = self.tracker
         order = list(todo)
         head = 0  # order[:head] has arrived or goes to the source
@@ -730,14 +739,17 @@ class Fetcher:
     def _settle(self, outcome: Outcome, out: dict[str, Outcome]) -> None:
         """Record ``outcome`` and wake whoever waits for that chunk on this node at once
         (other requests, and upload requests from peers that were pointed here)."""
+        data = outcome.data
+        if data is not None and isinstance(out, _Lean):
+            outcome = replace(outcome, data=None)
         out[outcome.digest] = outcome
         self._arrived_at = time.monotonic()
         a = self._arrivals.get(outcome.digest)
-        if a is not None and a.ok is None and outcome.data is not None:
+        if a is not None and a.ok is None and data is not None:
             # Another copy's arrival, read by peers (a hedge's slower copy, cancelled next):
             # they get the rest from this one rather than being cut off, and reporting this
             # healthy node.
-            a.complete(outcome.data)
+            a.complete(data)
             self._gone(a)
         fut = self._inflight.get(outcome.digest)
         if fut is not None and not fut.done():

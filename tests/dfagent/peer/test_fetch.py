@@ -491,3 +491,44 @@ def test_a_slow_local_disk_is_not_the_peers_timeout(tmp_path: Path) -> None:
             await sn.close()
 
     run(go())
+
+
+def test_a_bulk_fetch_holds_no_chunk_bytes(tmp_path: Path) -> None:
+    """A bulk fetch (prefetch, preheat: nobody reads its chunks yet) records its outcomes
+    without the chunk bytes, so a request of a thousand chunks does not hold every landed
+    one until its last lands; a reader that joins it gets the chunk from the store. A fetch
+    of its own keeps the bytes it brought (delivered without reading the store back)."""
+    async def go() -> None:
+        node = await start_node(tmp_path, "a", [])
+        try:
+            wants = wants_of(tmp_path, [chunk(300_000) for _ in range(3)])
+            assert wants[0].source is not None
+            backend = node.sources.backend(wants[0].source)
+            read, opened = backend.stream_many, asyncio.Event()
+
+            async def gated(requests: Any, sink: Any) -> None:
+                await opened.wait()
+                await read(requests, sink)
+
+            backend.stream_many = gated  # type: ignore[method-assign]
+            bulk = asyncio.create_task(node.fetcher.get_many(wants, bulk=True))
+            await asyncio.sleep(0)  # the bulk fetch owns the chunks now
+            reader = asyncio.create_task(node.fetcher.get_many(wants))
+            await asyncio.sleep(0)
+            opened.set()
+            lean, joined = await asyncio.wait_for(asyncio.gather(bulk, reader), 30)
+            assert [o.origin for o in lean] == ["source"] * 3
+            assert all(o.error is None and o.data is None for o in lean)
+            assert [o.origin for o in joined] == ["source"] * 3  # joined, not from the store
+            (stats,) = node.sources.stats().values()
+            assert stats["bytes"] == sum(w.size for w in wants)  # one source read each
+            for w in wants:
+                assert await node.store.read(w.digest) is not None
+            (more,) = wants_of(tmp_path / "more", [chunk(1000)])
+            (own,) = await asyncio.wait_for(node.fetcher.get_many([more]), 30)
+            assert own.origin == "source" and own.data is not None
+            assert own.data == await node.store.read(more.digest)
+        finally:
+            await node.close()
+
+    run(go())
