@@ -15,9 +15,12 @@ from there (``python -m`` looks in the current directory first); the harness,
     bench/fanout_ab.py base=. 'hedge4=.::fetch: {hedge_after: 4s}'
 
 Each run prints one line: all nodes done, machine CPU, when the registry had sent 99% of
-what it served (``reg_end``), and the bytes each node received twice (hedges); at the end the
-medians per variant and the rounds each variant won. Raw lines go to
-``bench/.cache/results/fanout-ab.json``. Needs what ``fanout_bench.py`` needs (root, ...).
+what it served (``reg_end``), the bytes each node received twice (hedges), and where an
+egress above 1.00 would come from (chunks read from the source other than under the node's
+lease, and bad-peer reports, by reason, summed over the nodes); at the end the medians per
+variant and the rounds each variant won. Raw lines go to
+``bench/.cache/results/fanout-ab.json``, each run's whole result to
+``fanout-ab-NAME-rROUND.json`` beside it. Needs what ``fanout_bench.py`` needs (root, ...).
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ def export(v: Variant) -> Variant:
     return Variant(v.name, v.rev, v.peer_config, dest)
 
 
-def summarize(result: dict[str, Any]) -> dict[str, float]:
+def summarize(result: dict[str, Any]) -> dict[str, Any]:
     """The figures of the one P2P sample in a ``fanout_bench.py`` result."""
     s = result["samples"]["p2p"][0]
     served = s["registry_served_bytes"]
@@ -87,12 +90,29 @@ def summarize(result: dict[str, Any]) -> dict[str, float]:
             break
     pm = s["peer_metrics"]
     dup = [m.get("dfagent_peer_duplicate_bytes_total", 0.0) for m in pm.values()]
+    # What an egress above 1.00 comes from: chunks read from the source other than under
+    # this node's lease, and peers reported bad, summed over the nodes by reason.
+    unleased: dict[str, float] = {}
+    reports: dict[str, float] = {}
+    for m in pm.values():
+        for key, value in m.items():
+            name, _, label = key.partition("{")
+            reason = label.split('"')[1] if '"' in label else ""
+            if name == "dfagent_peer_source_fetches_total" and reason != "leased" and value:
+                unleased[reason] = unleased.get(reason, 0.0) + value
+            elif name == "dfagent_peer_bad_peer_reports_total" and value:
+                reports[reason] = reports.get(reason, 0.0) + value
     return {"seconds": s["seconds"], "bound_ratio": s["seconds"] / result["lower_bound_s"],
             "cpu_s": s["cpu_s"], "egress": served / result["image"]["blob_bytes"],
-            "reg_end_s": reg_end, "dup_mb_per_node": median(dup) / 1e6 if dup else 0.0}
+            "reg_end_s": reg_end, "dup_mb_per_node": median(dup) / 1e6 if dup else 0.0,
+            "unleased_source_chunks": unleased, "bad_peer_reports": reports}
 
 
-def run_one(v: Variant, rnd: int, extra: list[str]) -> dict[str, float]:
+def _counts(by_reason: dict[str, float]) -> str:
+    return ",".join(f"{k}={v:.0f}" for k, v in sorted(by_reason.items())) or "-"
+
+
+def run_one(v: Variant, rnd: int, extra: list[str]) -> dict[str, Any]:
     env = dict(os.environ)
     if v.path is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(v.path), env.get("PYTHONPATH", "")]).strip(
@@ -108,7 +128,10 @@ def run_one(v: Variant, rnd: int, extra: list[str]) -> dict[str, float]:
     proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         raise RuntimeError(f"{v.name} round {rnd}: fanout_bench.py failed:\n{proc.stderr[-2000:]}")
-    with open(RESULTS_DIR / f"{name}.json") as f:
+    # Each run's whole result stays, for a closer look at an odd one.
+    kept = RESULTS_DIR / f"fanout-ab-{v.name}-r{rnd}.json"
+    shutil.copyfile(RESULTS_DIR / f"{name}.json", kept)
+    with open(kept) as f:
         return summarize(json.load(f))
 
 
@@ -134,7 +157,9 @@ def main() -> int:
             print(f"round {rnd} {v.name:>12}: {fig['seconds']:5.1f} s "
                   f"(x{fig['bound_ratio']:.2f}), CPU {fig['cpu_s']:3.0f} s, reg_end "
                   f"{fig['reg_end_s']:4.1f} s, egress {fig['egress']:.2f}, dup "
-                  f"{fig['dup_mb_per_node']:.1f} MB/node", flush=True)
+                  f"{fig['dup_mb_per_node']:.1f} MB/node; unleased source "
+                  f"{_counts(fig['unleased_source_chunks'])}, reports "
+                  f"{_counts(fig['bad_peer_reports'])}", flush=True)
     print("\nmedians:")
     for v in variants:
         mine = [r for r in rows if r["variant"] == v.name]
