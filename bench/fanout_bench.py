@@ -37,6 +37,17 @@ included); both ÷ S. Each peer's ``dfagent_*`` metrics are scraped at the end o
 and out from the bridge ports every 0.5 s: the report shows how busy the links were and
 when. Medians over ``--runs``; the methods alternate round by round.
 
+Stores on a tmpfs: every node's agent store (``data_dir``) and nydusfs disk cache live on a
+tmpfs the benchmark mounts at ``WORKDIR/stores`` (``--stores disk``: under ``WORKDIR`` on
+the disk). Neither the agents nor nydusfs fsync, so on a disk too their writes land in the
+page cache and every read during a sample is served from it; what the tmpfs takes out is
+the filesystem of the one VM disk all the simulated nodes share. This VM's is ext4 without
+a journal, where creating an inode skips every inode of its block group deleted in the last
+minute or more (``recently_deleted``), and each sample starts by deleting the previous one's
+~21,000 chunk files: creates next to them took up to ~0.8 ms each, up to ~10% of the
+machine's CPU in a sample (perf), in the agents' event loops. A node does not pull an image
+into a store it emptied a second ago.
+
 Every node runs ``nydusfs service`` for the whole benchmark, as a node runs its image daemon,
 and both methods mount through it (``--no-service``: each mount starts its own daemon).
 ``--peer-log-level debug`` makes every peer log a state line per bulk fetch a second (with
@@ -154,6 +165,23 @@ def ensure_fanout_image(image_mb: int, cache: Path = CACHE_DIR / "oci") -> OciIm
     return image
 
 
+def mount_tmpfs(path: Path, size: int) -> None:
+    """A tmpfs of at most ``size`` bytes at ``path`` (module doc, "Stores on a tmpfs")."""
+    path.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700",
+                           "fanout-stores", str(path)], capture_output=True, text=True,
+                          check=False)
+    if proc.returncode != 0:
+        raise BenchError(f"mount tmpfs at {path}: {proc.stderr.strip()} (--stores disk "
+                         "keeps the stores on the disk)")
+
+
+def unmount(path: Path) -> None:
+    if os.path.ismount(path):
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=WAIT,
+                       check=False)
+
+
 def lower_bound(size: float, nodes: int, u_src: float, u_peer: float) -> float:
     """DESIGN §6: no schedule delivers S bytes to N nodes faster than this (seconds)."""
     return max(size / u_src, nodes * size / (u_src + nodes * u_peer))
@@ -226,11 +254,13 @@ class LabCluster:
 
     Host names: ``reg`` (registry), ``sn`` (supernode), the rest nodes. Every process is
     started through the lab (so the lab's ``down()`` stops it by PID); mounts are closed by
-    :meth:`close_mounts` / :meth:`close`. Files live under ``work/<host>/``.
+    :meth:`close_mounts` / :meth:`close`. Files live under ``work/<host>/``, the nodes'
+    stores and caches under ``stores/<host>/`` (``work`` unless given).
     """
 
     lab: NetLab
     work: Path
+    stores: Path | None = None
     registry: subprocess.Popen[bytes] | None = None
     supernode: subprocess.Popen[bytes] | None = None
     peers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -242,6 +272,9 @@ class LabCluster:
     @property
     def nodes(self) -> list[str]:
         return [h for h in self.lab.hosts if h not in ("reg", "sn")]
+
+    def store_dir(self, node: str) -> Path:
+        return (self.stores if self.stores is not None else self.work) / node
 
     def h(self, name: str) -> Host:
         return self.lab.host(name)
@@ -328,7 +361,7 @@ class LabCluster:
     def start_peer(self, node: str, extra: str = "") -> None:
         """``dfagent peer`` in ``node``'s namespace with a fresh store; ``extra``: more YAML."""
         d = self.work / node
-        data = d / "peer-data"
+        data = self.store_dir(node) / "peer-data"
         shutil.rmtree(data, ignore_errors=True)
         data.mkdir(parents=True)
         ip = self.h(node).ip
@@ -408,7 +441,7 @@ class LabCluster:
     def mount_config(self, node: str, backend: str, *, prefetch_all: bool = True) -> Path:
         d = self.work / node
         d.mkdir(parents=True, exist_ok=True)
-        cache = d / "cache"
+        cache = self.store_dir(node) / "cache"
         shutil.rmtree(cache, ignore_errors=True)
         lines = []
         if backend == "registry":
@@ -702,6 +735,8 @@ def main(argv: list[str] | None = None) -> int:
                          "(tuning experiments; recorded in the results)")
     ap.add_argument("--peer-log-level", default="info",
                     help="the peers' --log-level (debug: a state line per bulk fetch a second)")
+    ap.add_argument("--stores", choices=("tmpfs", "disk"), default="tmpfs",
+                    help="where the nodes' stores and caches live (module doc)")
     ap.add_argument("--no-service", action="store_true",
                     help="mount with `--service never` (no resident `nydusfs service` per node)")
     ap.add_argument("--keep", action="store_true",
@@ -720,16 +755,20 @@ def main(argv: list[str] | None = None) -> int:
     u = rate_bytes(args.rate)
     nodes = [f"h{i}" for i in range(1, args.nodes + 1)]
     work: Path = args.workdir
+    unmount(work / "stores")  # left by a run that was killed
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     samples: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     discarded: list[dict[str, Any]] = []  # samples that failed and were taken again
     lab = NetLab(["reg", "sn", *nodes], rate=args.rate)
-    cluster = LabCluster(lab, work, peer_log_level=args.peer_log_level,
+    stores = work / "stores" if args.stores == "tmpfs" else None
+    cluster = LabCluster(lab, work, stores, peer_log_level=args.peer_log_level,
                          peer_extra=args.peer_config.strip() + "\n" if args.peer_config else "")
     t_start = time.monotonic()
     try:
         image = ensure_fanout_image(args.image_mb)
+        if stores is not None:  # room for a store and a cache of the image per node
+            mount_tmpfs(stores, int(2 * args.nodes * (args.image_mb + 64) * MB))
         lab.up()
         prep = prepare(cluster, image)
         if not args.no_service:
@@ -765,6 +804,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         cluster.close()
         lab.down()
+        if stores is not None:
+            unmount(stores)
 
     def med(method: str, key: Callable[[dict[str, Any]], float]) -> float:
         return median([key(s) for s in samples[method]])
@@ -782,7 +823,8 @@ def main(argv: list[str] | None = None) -> int:
                    "image_mb": args.image_mb, "data_file": DATA_FILE, "seed": DATA_SEED,
                    "data_files": data_files(args.image_mb, ensure_image()),
                    "packages": " ".join(image.packages), "layers": list(image.layers),
-                   "mount_service": not args.no_service, "peer_config": args.peer_config},
+                   "mount_service": not args.no_service, "peer_config": args.peer_config,
+                   "stores": args.stores},
         "runs": args.runs,
         "image": prep,
         "lower_bound_s": lb,
