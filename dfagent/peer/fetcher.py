@@ -237,6 +237,7 @@ class Fetcher:
         # Chunks on their way here: asked of a peer, or read from the source, right now (a
         # count per digest: hedged chunks are asked twice). See :meth:`fetching`.
         self._coming: dict[str, int] = {}
+        self._sourcing_now: dict[str, int] = {}  # of those, read from the source now
         # Chunks arriving now, readable by the upload server while they do (``arrival``), and
         # upload requests waiting for chunks to start arriving (``wait_ready``).
         self._arrivals: dict[str, Arrival] = {}
@@ -825,15 +826,22 @@ class Fetcher:
         fut = self._inflight.get(digest)
         return fut is None or not fut.done()  # arrived: no longer on its way
 
-    def _on_way(self, digests: Iterable[str], n: int) -> None:
+    def from_source(self, digest: str) -> bool:
+        """Whether ``digest`` is being read from the source here (under this node's lease):
+        it comes for sure. One asked of a peer may be waited on by that peer in turn (peers
+        *expected* to hold a chunk are pointed at each other), so the upload server waits
+        for it only briefly (``upload.PEER_WAIT``)."""
+        return self._sourcing_now.get(digest, 0) > 0
+
+    def _on_way(self, digests: Iterable[str], n: int, *, source: bool = False) -> None:
         """Count ``digests`` as on their way here (``n`` 1) or no longer (``n`` -1)."""
-        coming = self._coming
-        for d in digests:
-            left = coming.get(d, 0) + n
-            if left > 0:
-                coming[d] = left
-            else:
-                coming.pop(d, None)
+        for counts in (self._coming, self._sourcing_now) if source else (self._coming,):
+            for d in digests:
+                left = counts.get(d, 0) + n
+                if left > 0:
+                    counts[d] = left
+                else:
+                    counts.pop(d, None)
 
     # -- peers ----------------------------------------------------------------------------
 
@@ -1109,7 +1117,7 @@ class Fetcher:
             if piece:
                 jobs.append(self._source_batch(loc, piece, out, t0, lanes))
         self._sourcing += 1
-        self._on_way(todo, 1)
+        self._on_way(todo, 1, source=True)
         if leased:
             self.metrics.source_fetches.labels("leased").inc(len(todo))
             if self.tracker is not None:
@@ -1120,7 +1128,7 @@ class Fetcher:
         try:
             await asyncio.gather(*jobs)
         finally:
-            self._on_way(todo, -1)
+            self._on_way(todo, -1, source=True)
             if leased:
                 for d in todo:
                     self._leased_now.pop(d, None)

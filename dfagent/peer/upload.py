@@ -15,13 +15,18 @@ points requesters at the peer holding a chunk's source lease, and at peers expec
 gets it *while it arrives* (cut-through, ``dfagent.peer.arrival``): its bytes are sent as they
 come from the source or the upstream peer, all but the last piece, which follows once this node
 has verified the chunk; a chunk that fails on its way cuts the connection mid-body, so the
-requester never gets a complete chunk this node did not verify. A chunk asked of a peer or the
-source that has not started arriving is waited for, at most :data:`INFLIGHT_WAIT` seconds,
-then it is "not found". A request that has nothing to send yet waits without taking an upload
-slot; in a batch, chunks already here are sent first. The wait is short (1.5 s): the requester
-holds those bytes of its window while it waits, and one told "not held" asks the supernode
-again, which by then may name a peer that has it. Fan-out runs took about a second longer with
-3 s, and much longer with 8 s.
+requester never gets a complete chunk this node did not verify. A chunk this node reads from
+the source that has not started arriving is waited for, at most :data:`INFLIGHT_WAIT` seconds,
+one it asked of a peer at most :data:`PEER_WAIT`; then it is "not found". A request that has
+nothing to send yet waits without taking an upload slot; in a batch, chunks already here are
+sent first. The wait is short (1.5 s): the requester holds those bytes of its window while it
+waits, and one told "not held" asks the supernode again, which by then may name a peer that
+has it. Fan-out runs took about a second longer with 3 s, and much longer with 8 s. Shorter
+still for a chunk asked of a peer, because that peer may be waiting on this one: the
+supernode points requesters at peers *expected* to hold a chunk, and at the end of an image
+all nodes want its last tiny chunks at once and were pointed at each other, each waiting 1.5 s
+for a chunk that only came once the wait ran out; the fan-out's nodes finished 2-5 s after the
+last byte crossed a link.
 
 Limits: at most ``upload.max_concurrent`` requests are served at once; one more is refused at
 once with 429 and ``Retry-After`` (the requester tries another peer rather than queueing
@@ -54,12 +59,14 @@ from dfagent.peer.arrival import Arrival, ArrivalFailed
 from dfagent.peer.store import ChunkStore, check_digest
 from nydusfs.format import chunkfile
 
-__all__ = ["INFLIGHT_WAIT", "MAX_BATCH", "Pacer", "Pending", "UploadLimits", "make_upload_app"]
+__all__ = ["INFLIGHT_WAIT", "MAX_BATCH", "PEER_WAIT", "Pacer", "Pending", "UploadLimits",
+           "make_upload_app"]
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 256  # digests per batch request
 INFLIGHT_WAIT = 1.5  # seconds a request waits for chunks still on their way here (module doc)
+PEER_WAIT = 0.3  # ... for chunks on their way from a peer, not yet arriving (module doc)
 # Seconds a cut-through upload waits for the next piece of its chunk, then cuts the connection:
 # less than a requester's ``fetch.peer_timeout`` (10 s), so the requester sees a cut arriving
 # frame (and asks elsewhere) rather than timing out and reporting this node. A source read on a
@@ -99,6 +106,8 @@ class Pending(Protocol):
     """Chunks on their way into this node's store (the agent's fetcher)."""
 
     def fetching(self, digest: str) -> bool: ...
+
+    def from_source(self, digest: str) -> bool: ...
 
     def arrival(self, digest: str) -> Arrival | None: ...
 
@@ -177,31 +186,36 @@ async def _send(resp: web.StreamResponse, data: bytes | memoryview, pacer: Pacer
     metrics.upload_bytes.inc(len(view))
 
 
+def _patience(pending: Pending, digest: str) -> float:
+    """Seconds a request waits for ``digest``, on its way here, to start arriving."""
+    return INFLIGHT_WAIT if pending.from_source(digest) else PEER_WAIT
+
+
 async def _await_coming(request: web.Request, digests: list[str]) -> list[str]:
     """Of ``digests`` not in the store, those this node is fetching now (it holds their source
     lease, or fetches them from a peer). If none of ``digests`` is stored or arriving yet,
-    first wait (at most :data:`INFLIGHT_WAIT`, holding no upload slot) for one to start."""
+    first wait (at most :func:`_patience`, holding no upload slot) for one to start."""
     pending = request.app[LIMITS].pending
     if pending is None:
         return []
     store = request.app[STORE]
     coming = [d for d in digests if d not in store and pending.fetching(d)]
     if coming and not any(d in store for d in digests):
-        await pending.wait_ready(coming, INFLIGHT_WAIT)
+        await pending.wait_ready(coming, max(_patience(pending, d) for d in coming))
         coming = [d for d in coming if d not in store and pending.fetching(d)]
     return coming
 
 
-async def _arriving(request: web.Request, digest: str, deadline: float) -> Arrival | None:
-    """``digest`` as it arrives here, if it does by ``deadline`` (monotonic) and is not stored
-    by then."""
+async def _arriving(request: web.Request, digest: str, since: float) -> Arrival | None:
+    """``digest`` as it arrives here, if it starts to within :func:`_patience` of ``since``
+    (monotonic) and is not stored by then."""
     pending = request.app[LIMITS].pending
     if pending is None:
         return None
     store = request.app[STORE]
     a = pending.arrival(digest)
     if a is None and digest not in store and pending.fetching(digest):
-        left = deadline - time.monotonic()
+        left = since + _patience(pending, digest) - time.monotonic()
         if left > 0:
             await pending.wait_ready([digest], left)
         a = pending.arrival(digest)
@@ -229,7 +243,7 @@ def _cut(request: web.Request, what: str, exc: ArrivalFailed) -> None:
 
 async def _get_chunk(request: web.Request) -> web.StreamResponse:
     digest = request.match_info["digest"]
-    a = await _arriving(request, digest, time.monotonic() + INFLIGHT_WAIT)
+    a = await _arriving(request, digest, time.monotonic())
     slot = _Slot(request)
     if not slot.acquire():
         return _busy(slot.metrics)
@@ -284,7 +298,7 @@ async def _get_batch(request: web.Request) -> web.StreamResponse:
         for d in [d for d in wanted if d not in later] + [d for d in wanted if d in later]:
             raw = bytes.fromhex(d)
             if d in later:
-                a = await _arriving(request, d, t0 + INFLIGHT_WAIT)
+                a = await _arriving(request, d, t0)
                 if a is not None:
                     await resp.write(chunkfile.frame_header(raw, chunkfile.FRAME_ARRIVING,
                                                             a.length))
