@@ -14,16 +14,19 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
-from dfagent.peer import fetcher
+from dfagent.peer import fetcher, upload
 from dfagent.peer.agent import RunningPeer
 from dfagent.peer.config import FetchConfig, UploadConfig
 from dfagent.peer.fetcher import ChunkWant
 from dfagent.supernode.client import PeerRef
 from dfagent.supernode.config import LeaseConfig, SupernodeConfig
+from dfagent.supernode.model import PeerInfo
 from dfagent.supernode.server import start_supernode
 from nydusfs.config import HostPort
+from nydusfs.format import chunkfile
 
 from .helpers import chunk, run, seeded, start_node, wants_of
 
@@ -388,6 +391,59 @@ def test_only_chunks_on_their_way_count_as_fetching(
             for p in (req, slow):
                 await p.close()
             await sn.close()
+
+    run(go())
+
+
+def test_a_chunk_asked_of_a_peer_is_waited_for_briefly(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The upload server waits for a chunk its node reads from the source (it comes for
+    sure), but only ``PEER_WAIT`` for one its node asked of a peer: that peer may be waiting
+    on this node in turn (peers expected to hold a chunk are pointed at each other, and at
+    the end of an image every node wants its last chunks at once). Here the holder never
+    answers (a socket that accepts and stays silent): asked for the chunk, ``req`` says it
+    does not hold it well before ``INFLIGHT_WAIT``, made a minute here."""
+    monkeypatch.setattr(upload, "INFLIGHT_WAIT", 60.0)
+    monkeypatch.setattr(upload, "PEER_WAIT", 0.2)
+
+    async def go() -> None:
+        async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await asyncio.sleep(3600)
+
+        frozen = await asyncio.start_server(mute, "127.0.0.1", 0)
+        port = frozen.sockets[0].getsockname()[1]
+        sn = await start_supernode(SupernodeConfig(listen=HostPort("127.0.0.1", 0)))
+        req = await start_node(tmp_path, "req", [sn.url],
+                               fetch=FetchConfig(lookup_timeout=5.0, peer_timeout=60.0,
+                                                 hedge_after=60.0))
+        task: asyncio.Task[list[fetcher.Outcome]] | None = None
+        try:
+            (want,) = wants_of(tmp_path, [chunk(20_000)])
+            d = want.digest
+            await sn.scheduler.register(PeerInfo(id="silent", address=f"http://127.0.0.1:{port}",
+                                                 zone="", labels={}, capacity=8))
+            assert await sn.scheduler.announce("silent", [d]) == 1
+            task = asyncio.create_task(req.fetcher.get_many([want]))
+            for _ in range(500):  # bounded: 10 s until it is asked of the silent peer
+                if req.fetcher.fetching(d):
+                    break
+                await asyncio.sleep(0.02)
+            assert req.fetcher.fetching(d) and not req.fetcher.from_source(d)
+            async with aiohttp.ClientSession() as http:
+                resp = await asyncio.wait_for(http.get(f"{req.url}/chunks/{d}"), 20)
+                assert resp.status == 404
+                resp = await asyncio.wait_for(
+                    http.post(f"{req.url}/chunks", json={"digests": [d]}), 20)
+                body = await resp.read()
+            (frame,) = chunkfile.iter_frames(body)
+            assert frame.status == chunkfile.FRAME_NOT_FOUND
+            assert not task.done()  # still waiting on the silent peer all along
+        finally:
+            if task is not None:
+                task.cancel()
+            await req.close()
+            await sn.close()
+            frozen.close()
 
     run(go())
 
