@@ -65,7 +65,12 @@ def fanout_section(r: dict[str, Any] | None, number: int,
         "with `nydusfs mount REF` and `prefetch: {all: true}`"
         + (" (through the node's resident mount service, `nydusfs service`, as a node runs "
            "its image daemon: [registry.md](registry.md))" if p.get("mount_service") else "")
-        + ", from empty caches; a node is "
+        + (", from empty caches on a tmpfs (the nodes share the VM's one disk, ext4 without a "
+           "journal, where a file created next to the previous sample's ~21,000 deleted ones "
+           "cost up to ~0.8 ms; neither agents nor mounts fsync, so on a disk too the bytes "
+           "stay in the page cache: `bench/fanout_bench.py`, `--stores`)"
+           if p.get("stores") == "tmpfs" else ", from empty caches")
+        + "; a node is "
         "done when its mount reports prefetch `done`: every chunk fetched and verified into "
         "the mount's disk cache (*registry only*: `backend: registry`), or into the node "
         "agent's store, which is the node's cache (*P2P*: a `dfagent peer` per node and "

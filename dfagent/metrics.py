@@ -192,7 +192,9 @@ class PeerMetrics:
         self.uploads_active = Gauge("dfagent_peer_uploads_active",
                                     "Upload requests being served now", registry=r)
         self.upload_rejections = Counter("dfagent_peer_upload_rejections_total",
-                                         "Upload requests refused (reason: busy|unauthorized)",
+                                         "Upload requests refused (reason: busy|unauthorized), "
+                                         "and chunks of a batch refused because that many "
+                                         "requesters were getting them already (fanout)",
                                          ["reason"], registry=r)
         self.cut_through = Counter("dfagent_peer_cut_through_total",
                                    "Chunks passed on while still arriving (outcome: sent "
@@ -242,7 +244,7 @@ class PeerMetrics:
             self.fetch_seconds.labels(origin)
         for origin in ("peer", "source", "store"):
             self.verification_failures.labels(origin)
-        for reason in ("busy", "unauthorized"):
+        for reason in ("busy", "unauthorized", "fanout"):
             self.upload_rejections.labels(reason)
         for reason in SOURCE_REASONS:
             self.source_fetches.labels(reason)
