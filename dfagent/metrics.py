@@ -192,9 +192,7 @@ class PeerMetrics:
         self.uploads_active = Gauge("dfagent_peer_uploads_active",
                                     "Upload requests being served now", registry=r)
         self.upload_rejections = Counter("dfagent_peer_upload_rejections_total",
-                                         "Upload requests refused (reason: busy|unauthorized), "
-                                         "and chunks of a batch refused because that many "
-                                         "requesters were getting them already (fanout)",
+                                         "Upload requests refused (reason: busy|unauthorized)",
                                          ["reason"], registry=r)
         self.cut_through = Counter("dfagent_peer_cut_through_total",
                                    "Chunks passed on while still arriving (outcome: sent "
@@ -244,7 +242,7 @@ class PeerMetrics:
             self.fetch_seconds.labels(origin)
         for origin in ("peer", "source", "store"):
             self.verification_failures.labels(origin)
-        for reason in ("busy", "unauthorized", "fanout"):
+        for reason in ("busy", "unauthorized"):
             self.upload_rejections.labels(reason)
         for reason in SOURCE_REASONS:
             self.source_fetches.labels(reason)

@@ -28,15 +28,6 @@ all nodes want its last tiny chunks at once and were pointed at each other, each
 for a chunk that only came once the wait ran out; the fan-out's nodes finished 2-5 s after the
 last byte crossed a link.
 
-Relaying: one chunk is sent to at most :data:`FANOUT` requesters at once; in a batch, a chunk
-already on its way to that many is answered "not held" (a frame of status 1), and the
-requester asks its other candidates, which include the peers receiving it from here: they
-pass it on while it arrives. Why: the node holding an image's last chunks from the source
-(its lease) sent them to every other node at once, its uplink split seven ways while theirs
-stood idle; in one fan-out the nodes finished 3 s after the registry, the leaseholder
-sending at its link's rate all that time. A chunk sent to a few who pass it on reaches
-everyone as a tree.
-
 Limits: at most ``upload.max_concurrent`` requests are served at once; one more is refused at
 once with 429 and ``Retry-After`` (the requester tries another peer rather than queueing
 here). All uploads share one ``upload.rate`` budget (bytes per second), paced as they are
@@ -68,15 +59,14 @@ from dfagent.peer.arrival import Arrival, ArrivalFailed
 from dfagent.peer.store import ChunkStore, check_digest
 from nydusfs.format import chunkfile
 
-__all__ = ["FANOUT", "INFLIGHT_WAIT", "MAX_BATCH", "PEER_WAIT", "Pacer", "Pending",
-           "UploadLimits", "make_upload_app"]
+__all__ = ["INFLIGHT_WAIT", "MAX_BATCH", "PEER_WAIT", "Pacer", "Pending", "UploadLimits",
+           "make_upload_app"]
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 256  # digests per batch request
 INFLIGHT_WAIT = 1.5  # seconds a request waits for chunks still on their way here (module doc)
 PEER_WAIT = 0.3  # ... for chunks on their way from a peer, not yet arriving (module doc)
-FANOUT = 3  # requesters a chunk is sent to at once; more are told "not held" (module doc)
 # Seconds a cut-through upload waits for the next piece of its chunk, then cuts the connection:
 # less than a requester's ``fetch.peer_timeout`` (10 s), so the requester sees a cut arriving
 # frame (and asks elsewhere) rather than timing out and reporting this node. A source read on a
@@ -132,7 +122,6 @@ class UploadLimits:
         self.pacer = Pacer(rate)
         self.active = 0
         self.pending: Pending | None = None
-        self.sending: dict[str, int] = {}  # digest -> responses sending it now (FANOUT)
 
 
 STORE: web.AppKey[ChunkStore] = web.AppKey("store", ChunkStore)
@@ -302,25 +291,26 @@ async def _get_batch(request: web.Request) -> web.StreamResponse:
         return _busy(slot.metrics)
     resp = web.StreamResponse(headers={"Content-Type": "application/x-dfagent-chunks"})
     try:
+        store = request.app[STORE]
         await resp.prepare(request)
         later = set(coming)
         # What is here goes first (frames may come in any order), then what was on its way.
-        sending = slot.limits.sending
         for d in [d for d in wanted if d not in later] + [d for d in wanted if d in later]:
             raw = bytes.fromhex(d)
-            if sending.get(d, 0) >= FANOUT:  # relayed by those receiving it (module doc)
-                slot.metrics.upload_rejections.labels("fanout").inc()
+            if d in later:
+                a = await _arriving(request, d, t0)
+                if a is not None:
+                    await resp.write(chunkfile.frame_header(raw, chunkfile.FRAME_ARRIVING,
+                                                            a.length))
+                    await _send_arrival(resp, a, slot)
+                    continue
+            data = await store.read(d)
+            if data is None:
                 await resp.write(chunkfile.pack_frame(raw, chunkfile.FRAME_NOT_FOUND))
                 continue
-            sending[d] = sending.get(d, 0) + 1
-            try:
-                await _send_one(request, resp, slot, d, raw, d in later, t0)
-            finally:
-                left = sending[d] - 1
-                if left:
-                    sending[d] = left
-                else:
-                    del sending[d]
+            await resp.write(chunkfile.frame_header(raw, chunkfile.FRAME_FOUND, len(data)))
+            await _send(resp, data, slot.limits.pacer, slot.metrics)
+            slot.metrics.uploads.inc()
         await resp.write_eof()
         return resp
     except ArrivalFailed as exc:
@@ -332,25 +322,6 @@ async def _get_batch(request: web.Request) -> web.StreamResponse:
         return resp
     finally:
         slot.release()
-
-
-async def _send_one(request: web.Request, resp: web.StreamResponse, slot: _Slot, d: str,
-                    raw: bytes, on_way: bool, t0: float) -> None:
-    """One frame of a batch: ``d`` as it arrives (``on_way``: it was), from the store, or
-    "not held"."""
-    if on_way:
-        a = await _arriving(request, d, t0)
-        if a is not None:
-            await resp.write(chunkfile.frame_header(raw, chunkfile.FRAME_ARRIVING, a.length))
-            await _send_arrival(resp, a, slot)
-            return
-    data = await request.app[STORE].read(d)
-    if data is None:
-        await resp.write(chunkfile.pack_frame(raw, chunkfile.FRAME_NOT_FOUND))
-        return
-    await resp.write(chunkfile.frame_header(raw, chunkfile.FRAME_FOUND, len(data)))
-    await _send(resp, data, slot.limits.pacer, slot.metrics)
-    slot.metrics.uploads.inc()
 
 
 async def _healthz(request: web.Request) -> web.Response:

@@ -18,7 +18,6 @@ from typing import Any
 import aiohttp
 import pytest
 
-from dfagent.peer import upload
 from dfagent.peer.agent import RunningPeer
 from dfagent.peer.config import FetchConfig, UploadConfig
 from dfagent.peer.fetcher import ChunkWant, Outcome
@@ -151,33 +150,6 @@ def test_a_chunk_from_the_source_is_served_while_it_arrives(tmp_path: Path,
             (o,) = await asyncio.wait_for(fetch, 10)
             assert o.origin == "source" and o.error is None
             assert node.metrics.uploads._value.get() == 1
-
-    run(go())
-
-
-def test_a_chunk_goes_to_at_most_fanout_requesters_at_once(tmp_path: Path) -> None:
-    """A chunk arriving here is sent to ``FANOUT`` requesters at once; one more asking in a
-    batch is told "not held" (it gets the chunk from those, which pass it on). Once those
-    sends ended, the chunk is sent again."""
-    async def go() -> None:
-        async with (_source_fetch(tmp_path) as (node, c, w, gate, fetch),
-                    aiohttp.ClientSession() as http):
-            first = [await http.post(f"{node.url}/chunks", json={"digests": [w.digest]})
-                     for _ in range(upload.FANOUT)]
-            for resp in first:
-                await _length(resp, w, True)  # an arriving frame each
-            extra = await http.post(f"{node.url}/chunks", json={"digests": [w.digest]})
-            (frame,) = chunkfile.iter_frames(await asyncio.wait_for(extra.read(), 10))
-            assert (frame.digest.hex(), frame.status) == (w.digest, chunkfile.FRAME_NOT_FOUND)
-            assert node.metrics.upload_rejections.labels("fanout")._value.get() == 1
-            gate.go.release()
-            for resp in first:
-                assert await asyncio.wait_for(resp.read(), 10) == c.file
-            (o,) = await asyncio.wait_for(fetch, 10)
-            assert o.origin == "source"
-            again = await http.post(f"{node.url}/chunks", json={"digests": [w.digest]})
-            (frame,) = chunkfile.iter_frames(await asyncio.wait_for(again.read(), 10))
-            assert frame.status == chunkfile.FRAME_FOUND and frame.body == c.file
 
     run(go())
 
