@@ -134,7 +134,16 @@ def fanout_section(r: dict[str, Any] | None, number: int,
                     "0.7 s ahead of 44046c6. "
                     "Judge a change by P2P runs interleaved with the code before it "
                     "(`bench/fanout_ab.py before=REV after=.`: single runs, alternating), not "
-                    "by two benchmarks taken at different times."]
+                    "by two benchmarks taken at different times. Part of the CPU is this VM's "
+                    "memory: it hands freed pages back to its host at once (virtio-balloon "
+                    "free page reporting), and touching a page again costs a host fault: "
+                    "writing 1 GB to new files took 1.5 s of system time alone and 4-4.6 s "
+                    "each with two writers at once, against 0.1 s rewriting cached pages "
+                    "(`dd`, 2026-11-28). perf over whole samples put 9-35% of all CPU in "
+                    "`clear_page_erms` and `copy_folio_from_iter_atomic` (fresh anonymous and "
+                    "page-cache pages), varying from hour to hour: a process's peak memory "
+                    "is CPU time here (dfagent's bulk fetches hold no chunk bytes since "
+                    "2026-11-28: an agent's peak went from ~230 to ~150 MiB)."]
     for d in r.get("discarded") or []:
         out += ["", f"A {_LABELS.get(d['method'], d['method'])} sample of round {d['round']} "
                     f"failed and was taken again (not counted): {d['error'][:200]}"]
