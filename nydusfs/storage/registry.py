@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 from nydusfs.errors import ConfigError, UnavailableError
 from nydusfs.oci.client import ClientOptions, RegistryClient
 from nydusfs.storage.base import Backend, RangeRequest, Sink, check_range
-from nydusfs.storage.ranges import coalesce, run_sink, scatter
+from nydusfs.storage.ranges import Run, coalesce, run_sink, scatter
 
 if TYPE_CHECKING:
     from nydusfs.config import BackendConfig
@@ -87,29 +87,28 @@ class RegistryBackend(Backend):
 
     async def read_many(self, requests: Sequence[RangeRequest]) -> list[bytes]:
         """One GET per run of neighbouring ranges of a blob, runs fetched concurrently."""
+        runs, datas = await self._get_runs(requests, None)
+        return scatter(requests, runs, datas) if runs else []
+
+    async def stream_many(self, requests: Sequence[RangeRequest], sink: Sink) -> None:
+        """As :meth:`read_many`, each GET's bytes handed to ``sink`` as they arrive."""
+        await self._get_runs(requests, sink)
+
+    async def _get_runs(self, requests: Sequence[RangeRequest],
+                        sink: Sink | None) -> tuple[list[Run], list[bytes]]:
+        """The GETs for ``requests``' runs, concurrently: each run's bytes, or (``sink``) the
+        bytes streamed to ``sink`` as they arrive and ``b""`` per run."""
         for r in requests:
             check_range(r.blob, r.offset, r.size)
         if not requests:
-            return []
+            return [], []
         client = await self._current()
         runs = coalesce(requests, gap=self.merge_gap)
         self.gets += len(runs)
         datas = await asyncio.gather(*(client.read_blob_range(
-            self.repository, f"sha256:{run.blob}", run.offset, run.size) for run in runs))
-        return scatter(requests, runs, datas)
-
-    async def stream_many(self, requests: Sequence[RangeRequest], sink: Sink) -> None:
-        """As :meth:`read_many`, each GET's bytes handed to ``sink`` as they arrive."""
-        for r in requests:
-            check_range(r.blob, r.offset, r.size)
-        if not requests:
-            return
-        client = await self._current()
-        runs = coalesce(requests, gap=self.merge_gap)
-        self.gets += len(runs)
-        await asyncio.gather(*(client.read_blob_range(
             self.repository, f"sha256:{run.blob}", run.offset, run.size,
-            sink=run_sink(requests, run, sink)) for run in runs))
+            sink=None if sink is None else run_sink(requests, run, sink)) for run in runs))
+        return runs, list(datas)
 
     async def close(self) -> None:
         self._closed = True
