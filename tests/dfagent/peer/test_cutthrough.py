@@ -22,7 +22,7 @@ from dfagent.peer.agent import RunningPeer
 from dfagent.peer.config import FetchConfig, UploadConfig
 from dfagent.peer.fetcher import ChunkWant, Outcome
 from dfagent.supernode.config import SupernodeConfig
-from dfagent.supernode.server import start_supernode
+from dfagent.supernode.server import RunningSupernode, start_supernode
 from nydusfs.config import HostPort
 from nydusfs.format import chunkfile
 from nydusfs.storage.base import RangeRequest, Sink
@@ -176,37 +176,54 @@ def test_bad_source_bytes_cut_the_requester_off(tmp_path: Path, batch: bool) -> 
     run(go())
 
 
+@contextlib.asynccontextmanager
+async def _slow_holder(tmp: Path, **fetch: Any) -> AsyncIterator[
+        tuple[RunningSupernode, RunningPeer, RunningPeer]]:
+    """A supernode, A with a slow uplink (400 kB take about 5 s: 64 KiB/s after a second's
+    burst) and B, which waits on peers long and does not hedge (more ``fetch`` settings)."""
+    sn = await start_supernode(SupernodeConfig(listen=HostPort("127.0.0.1", 0)))
+    a = await start_node(tmp, "a", [sn.url], upload=UploadConfig(rate=64 << 10))
+    b = await start_node(tmp, "b", [sn.url],
+                         fetch=FetchConfig(lookup_timeout=5.0, peer_timeout=60.0,
+                                           hedge_after=60.0, **fetch))
+    try:
+        yield sn, a, b
+    finally:
+        for p in (b, a):
+            await p.close()
+        await sn.close()
+
+
+@contextlib.asynccontextmanager
+async def _relayed(b: RunningPeer, w: ChunkWant) -> AsyncIterator[
+        tuple[asyncio.Task[list[Outcome]], aiohttp.ClientResponse, int, bytes]]:
+    """B fetching ``w`` from its peer, and C asking B for it once it arrives at B: (B's
+    fetch, C's batch response, the chunk file's length, the first PIECE C got)."""
+    fetch = asyncio.create_task(b.fetcher.get_many([w]))
+    await _arriving(b, w.digest, 1)
+    async with aiohttp.ClientSession() as http, \
+            http.post(f"{b.url}/chunks", json={"digests": [w.digest]}) as resp:
+        length = await _frame(resp, w)
+        first = await asyncio.wait_for(resp.content.readexactly(PIECE), 10)
+        yield fetch, resp, length, first
+
+
 def test_a_chunk_from_a_peer_is_passed_on_while_it_arrives(tmp_path: Path) -> None:
     """B fetches a chunk from A, whose uplink is slow; C, asking B meanwhile (the supernode
     names B as expected to hold it), gets B's bytes as they come, long before B has the
     chunk, and the whole chunk file in the end."""
     async def go() -> None:
-        sn = await start_supernode(SupernodeConfig(listen=HostPort("127.0.0.1", 0)))
-        # 400 kB at 64 KiB/s after a second's burst: about 5 s from A
-        a = await start_node(tmp_path, "a", [sn.url], upload=UploadConfig(rate=64 << 10))
-        b = await start_node(tmp_path, "b", [sn.url],
-                             fetch=FetchConfig(lookup_timeout=5.0, peer_timeout=60.0,
-                                               hedge_after=60.0))
-        try:
+        async with _slow_holder(tmp_path) as (sn, a, b):
             c = chunk(400_000)
             (w,) = wants_of(tmp_path, [c])
             await seeded(sn, [w], a)
             (tmp_path / "blobs" / w.blob).unlink()  # only A has it now
-            fetch = asyncio.create_task(b.fetcher.get_many([w]))
-            await _arriving(b, w.digest, 1)
-            async with aiohttp.ClientSession() as http, \
-                    http.post(f"{b.url}/chunks", json={"digests": [w.digest]}) as resp:
-                length = await _frame(resp, w)
-                first = await asyncio.wait_for(resp.content.readexactly(PIECE), 10)
+            async with _relayed(b, w) as (fetch, resp, length, first):
                 assert not fetch.done() and w.digest not in b.store
                 rest = await asyncio.wait_for(resp.content.readexactly(length - PIECE), 30)
                 assert first + rest == c.file
             (o,) = await asyncio.wait_for(fetch, 30)
             assert o.origin == "peer" and o.error is None
-        finally:
-            for p in (b, a):
-                await p.close()
-            await sn.close()
 
     run(go())
 
@@ -215,12 +232,7 @@ def test_bad_bytes_from_upstream_are_not_passed_on_whole(tmp_path: Path) -> None
     """A serves a corrupt chunk file (slowly); B, receiving it, passes its bytes on to C but
     not the last piece: B's verification fails, C is cut off, and B reports A."""
     async def go() -> None:
-        sn = await start_supernode(SupernodeConfig(listen=HostPort("127.0.0.1", 0)))
-        a = await start_node(tmp_path, "a", [sn.url], upload=UploadConfig(rate=64 << 10))
-        b = await start_node(tmp_path, "b", [sn.url],
-                             fetch=FetchConfig(lookup_timeout=5.0, peer_timeout=60.0,
-                                               hedge_after=60.0, k=1))
-        try:
+        async with _slow_holder(tmp_path, k=1) as (sn, a, b):
             c = chunk(400_000)
             (w,) = wants_of(tmp_path, [c])
             bad = bytearray(c.file)
@@ -233,12 +245,7 @@ def test_bad_bytes_from_upstream_are_not_passed_on_whole(tmp_path: Path) -> None
                     break
                 await asyncio.sleep(0.02)
             (tmp_path / "blobs" / w.blob).unlink()  # only A has it, and A's copy is bad
-            fetch = asyncio.create_task(b.fetcher.get_many([w]))
-            await _arriving(b, w.digest, 1)
-            async with aiohttp.ClientSession() as http, \
-                    http.post(f"{b.url}/chunks", json={"digests": [w.digest]}) as resp:
-                length = await _frame(resp, w)
-                first = await asyncio.wait_for(resp.content.readexactly(PIECE), 10)
+            async with _relayed(b, w) as (fetch, resp, length, first):
                 assert first == bytes(bad[:PIECE])
                 with pytest.raises((aiohttp.ClientError, asyncio.IncompleteReadError)):
                     await asyncio.wait_for(resp.content.readexactly(length - PIECE), 30)
@@ -246,10 +253,6 @@ def test_bad_bytes_from_upstream_are_not_passed_on_whole(tmp_path: Path) -> None
             assert o.error is not None  # nobody else has it, and the source blob is gone
             assert w.digest not in b.store
             assert b.metrics.bad_peer_reports.labels("corrupt")._value.get() == 1
-        finally:
-            for p in (b, a):
-                await p.close()
-            await sn.close()
 
     run(go())
 
